@@ -1,0 +1,5 @@
+"""`python -m lkflow ...` runs the `lkflow` command."""
+
+from lkflow.cli import main
+
+main()

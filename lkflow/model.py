@@ -1,0 +1,641 @@
+"""LightModel: a bare `nn.Module` in a LightningModule, trained Keras-style.
+
+Subclass it and write `shared_step(batch) -> {"loss": ..., **metrics}`, or pass `loss_fn` and
+`metrics`; then `fit`, `evaluate` and `predict`, or hand it to a plain `pl.Trainer`. Epoch
+values are accumulated on the device and read once per epoch, never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import nn
+from typing_extensions import override
+
+from lkflow.devices import Gpus, trainer_device_kwargs
+from lkflow.errors import LkflowError
+from lkflow.progress import EpochLogger
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch.utils.data import DataLoader
+
+_STAGES = ("train", "val", "test")
+_NOT_HPARAMS = ["net", "loss_fn", "metrics", "optimizer", "lr_scheduler"]
+
+
+class LightModel(pl.LightningModule):
+    """Wraps a bare `nn.Module` so that it trains like a Keras model.
+
+    Args:
+        net: The network; `model.net` is this same object, and it leaves the wrapper untouched.
+        loss_fn: `loss_fn(preds, target)` for the default step. Defaults to None (then
+            override `shared_step`).
+        metrics: Name to `torchmetrics.Metric` (computed over each epoch) or to a function
+            `(preds, target) -> tensor` (averaged over the epoch's rows). Defaults to None.
+        optimizer: An optimizer over `net.parameters()`. Defaults to None (Adam, lr 1e-3).
+        lr_scheduler: A scheduler of `optimizer`, or Lightning's dict
+            (`{"scheduler": ..., "interval": "step"}`). Defaults to None.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> model = LightModel(net, loss_fn=nn.BCEWithLogitsLoss(),
+        ...                    metrics={"acc": torchmetrics.classification.BinaryAccuracy()})
+        >>> model.net is net
+        True
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss_fn: nn.Module | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: Any = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise LkflowError(
+                f"Received: net={net!r}. Expected a torch.nn.Module instance, such as Net()."
+            )
+        self.net = net
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.train_metrics = nn.ModuleDict(_stage_metrics(metrics))
+        self.val_metrics = nn.ModuleDict(_stage_metrics(metrics))
+        self.test_metrics = nn.ModuleDict(_stage_metrics(metrics))
+        self._functions = {k: v for k, v in (metrics or {}).items() if not _is_metric(v)}
+        self.history: list[dict[str, float]] = []
+        self.run_id: str | None = None
+        self._epochs = {stage: _EpochValues() for stage in _STAGES}
+        self._val_row: dict[str, float] = {}
+        self._epoch_lr: float | None = None
+        self._keys_checked = False
+        self.save_hyperparameters(ignore=_NOT_HPARAMS)
+        self._check_has_loss()
+
+    def _check_has_loss(self) -> None:
+        own_step = type(self).shared_step is not LightModel.shared_step
+        own_training = type(self).training_step is not LightModel.training_step
+        if self.loss_fn is None and not (own_step or own_training):
+            raise LkflowError(
+                "Received: loss_fn=None and no shared_step. Pass a loss, such as "
+                "LightModel(net, loss_fn=nn.BCEWithLogitsLoss()), or subclass LightModel and "
+                "override shared_step(batch) to return {'loss': ..., **metrics}."
+            )
+
+    @override
+    def forward(self, x: Any) -> Any:
+        return self.net(x)
+
+    # ---- steps ---------------------------------------------------------------------------
+
+    def shared_step(self, batch: Any) -> dict[str, Any]:
+        """One batch's loss and metrics; the default uses `loss_fn` and `metrics` on `(x, y)`.
+
+        Override it for other batch layouts or losses. It must return a dict with a `"loss"`
+        key; other values are tensors (averaged over the epoch's rows) or `torchmetrics.Metric`
+        objects already updated with the batch (computed over the epoch).
+
+        Args:
+            batch: One batch from the DataLoader.
+
+        Returns:
+            The batch's loss and metrics, such as `{"loss": loss, "acc": acc}`.
+        """
+        x, y = _split_xy(batch)
+        preds = self(x)
+        values: dict[str, Any] = {"loss": self.loss_fn(preds, y)}
+        stage_metrics: nn.ModuleDict = getattr(self, f"{self._stage()}_metrics")
+        for name, metric in stage_metrics.items():
+            metric.update(preds, y)
+            values[name] = metric
+        for name, function in self._functions.items():
+            values[name] = function(preds, y)
+        return values
+
+    def example_input(self, batch: Any) -> torch.Tensor:
+        """The net's input in `batch`: `batch[0]` of a tuple or list, or the batch itself.
+
+        `predict` and the MLflow model's input example use it; override it for other layouts.
+
+        Args:
+            batch: One batch from a DataLoader.
+
+        Returns:
+            The input tensor.
+        """
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            return batch[0]
+        raise LkflowError(
+            f"Received: a batch of type {type(batch).__name__}. Expected a tensor or (x, ...) "
+            "with x a tensor; override example_input(batch) to return the net's input."
+        )
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        values = self._step(batch, "train")
+        if not self._keys_checked:
+            self._check_monitors(values)
+        return values["loss"]
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "val")
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "test")
+
+    def _step(self, batch: Any, stage: str) -> dict[str, Any]:
+        values = self.shared_step(batch)
+        if isinstance(values, torch.Tensor):
+            values = {"loss": values}
+        if not isinstance(values, Mapping) or "loss" not in values:
+            keys = list(values) if isinstance(values, Mapping) else type(values).__name__
+            raise LkflowError(
+                f"Received: shared_step returned {keys}. Expected a dict with a 'loss' key, "
+                "such as {'loss': loss, 'acc': acc}."
+            )
+        self._epochs[stage].add(values, _rows(batch))
+        return values
+
+    def _stage(self) -> str:
+        if self.trainer.training:
+            return "train"
+        return "test" if self.trainer.testing else "val"
+
+    # ---- epoch ends ----------------------------------------------------------------------
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._epochs["train"].reset()
+        self._val_row = {}
+        self._epoch_lr = _first_lr(self.trainer.optimizers)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._epochs["val"].reset()
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._epochs["test"].reset()
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        values = self._epochs["val"].compute(self.trainer.strategy, prefix="val_")
+        if self.trainer.sanity_checking:
+            return
+        self._val_row = values
+        self.log_dict(values)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._epochs["test"].compute(self.trainer.strategy, prefix="test_"))
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        train = self._epochs["train"].compute(self.trainer.strategy, prefix="")
+        row = {"epoch": self.current_epoch, **train, **self._val_row}
+        if self._epoch_lr is not None:
+            row["lr"] = self._epoch_lr
+        self.history.append(row)
+        self.log_dict(train)
+        _check_finite(row)
+
+    def _check_monitors(self, values: Mapping[str, Any]) -> None:
+        """Fail at the first step when a checkpoint or early stopping watches a key never logged."""
+        self._keys_checked = True
+        logged = list(values)
+        if sum(self.trainer.num_val_batches or [0]) > 0:
+            logged += [f"val_{key}" for key in values]
+        logged += ["lr"]
+        for callback in self.trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if isinstance(callback, (ModelCheckpoint, EarlyStopping)) and monitor:
+                if monitor not in logged:
+                    raise LkflowError(
+                        f"Received: monitor={monitor!r} ({type(callback).__name__}), which is "
+                        f"never logged. Logged keys: {', '.join(logged)}. Pass one of them."
+                    )
+
+    # ---- optimizers and checkpoints ------------------------------------------------------
+
+    @override
+    def configure_optimizers(self) -> Any:
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        if self.lr_scheduler is None:
+            return self.optimizer
+        scheduler = self.lr_scheduler
+        if not isinstance(scheduler, Mapping):
+            scheduler = {"scheduler": scheduler}
+        return {"optimizer": self.optimizer, "lr_scheduler": dict(scheduler)}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lkflow_history"] = [dict(row) for row in self.history]
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in checkpoint.get("lkflow_history", [])]
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike[str],
+        *,
+        net: nn.Module | None = None,
+        map_location: Any = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> LightModel:
+        """A model from a checkpoint, built around `net`, which receives the saved weights.
+
+        Checkpoints hold weights and plain hyperparameters, never pickled modules, so the
+        net (and any loss, metrics or optimizer the constructor takes) is passed in again.
+
+        Args:
+            checkpoint_path: A `.ckpt` file written while fitting.
+            net: A fresh instance of the net class that was trained. Required.
+            map_location: Where to load tensors, as in `torch.load`. Defaults to None.
+            strict: Whether every key must match. Defaults to None (Lightning's default).
+            **kwargs: Other constructor arguments, such as `loss_fn=`.
+
+        Returns:
+            The model, with the history of the fit that wrote the checkpoint.
+
+        Example:
+            >>> clone = Model.load_from_checkpoint(path, net=Net())  # doctest: +SKIP
+        """
+        if net is None:
+            raise LkflowError(
+                f"{cls.__name__}.load_from_checkpoint needs the net: checkpoints hold weights, "
+                f"not modules. Pass a fresh one: {cls.__name__}.load_from_checkpoint(path, net=Net())."
+            )
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, strict=strict, weights_only=True,
+            net=net, **kwargs,
+        )
+
+    # ---- Keras-style API -----------------------------------------------------------------
+
+    def fit(
+        self,
+        train_data: DataLoader,
+        val_data: DataLoader | None = None,
+        *,
+        epochs: int = 10,
+        gpus: Gpus = None,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        patience: int | None = None,
+        ckpt_path: str | os.PathLike[str] | None = None,
+        ckpt_dir: str | os.PathLike[str] = "checkpoints",
+        callbacks: Iterable[Callback] = (),
+        verbose: Literal[0, 1, 2] = 2,
+        track: bool = True,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        registered_model_name: str | Literal[False] | None = None,
+        tracking_uri: str | None = None,
+        **trainer_kwargs: Any,
+    ) -> pd.DataFrame:
+        """Trains the net, keeps the best epoch's weights, and tracks the fit in MLflow.
+
+        Args:
+            train_data: The training DataLoader.
+            val_data: The validation DataLoader. Defaults to None.
+            epochs: The epoch to stop after, counted from zero for a new fit; a resumed fit
+                continues up to it. Defaults to 10.
+            gpus: 0 for the CPU, N GPUs, -1 for all, `[0, 1]` or `"0,1"` for those devices.
+                Defaults to None: one GPU when CUDA is there, else the CPU.
+            monitor: The history key that picks the best epoch. Defaults to None:
+                `val_loss`, or `loss` without validation data.
+            mode: "min" or "max" for `monitor`. Defaults to "min".
+            patience: Stop after this many epochs without improvement. Defaults to None.
+            ckpt_path: A checkpoint to resume from, or "last". Defaults to None.
+            ckpt_dir: Where checkpoints go. Defaults to "checkpoints".
+            callbacks: More Lightning callbacks. Defaults to ().
+            verbose: 0 quiet, 1 Lightning's progress bar, 2 one line per epoch. Defaults to 2.
+            track: Log the fit to MLflow. Defaults to True.
+            experiment_name: MLflow experiment. Defaults to None (MLflow's default).
+            run_name: MLflow run name. Defaults to None (MLflow picks one).
+            registered_model_name: Name to register the net under, or False not to.
+                Defaults to None (the experiment's name).
+            tracking_uri: MLflow tracking URI. Defaults to None (`MLFLOW_TRACKING_URI`, else
+                `sqlite:///mlflow.db`).
+            **trainer_kwargs: Passed to `pl.Trainer` (precision, gradient_clip_val,
+                accumulate_grad_batches, devices, strategy, ...).
+
+        Returns:
+            The history, one row per epoch.
+
+        Example:
+            >>> history = model.fit(dl_train, dl_valid, epochs=10, gpus=0)  # doctest: +SKIP
+        """
+        monitor = monitor or ("val_loss" if val_data is not None else "loss")
+        _check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
+        device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
+        checkpoint = ModelCheckpoint(
+            dirpath=ckpt_dir, filename=f"{{epoch}}-{{{monitor}:.4f}}", monitor=monitor,
+            mode=mode, save_top_k=1, save_last=True,
+        )
+        fit_callbacks: list[Callback] = [checkpoint, *callbacks]
+        if patience is not None:
+            fit_callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
+        if verbose == 2:
+            fit_callbacks.append(EpochLogger())
+        tracker = None
+        if track:
+            from lkflow.tracking import MLflowCallback
+
+            tracker = MLflowCallback(
+                experiment_name=experiment_name, run_name=run_name,
+                registered_model_name=registered_model_name, tracking_uri=tracking_uri,
+            )
+            fit_callbacks.append(tracker)
+        with _quiet(verbose):
+            trainer = _trainer(epochs, verbose, fit_callbacks, {**trainer_kwargs, **device_kwargs})
+            trainer.fit(self, train_data, val_data, ckpt_path=ckpt_path)
+        if tracker is not None:
+            self.run_id = tracker.run_id_
+        self._restore_best(checkpoint.best_model_path)
+        return self.history_frame()
+
+    def _restore_best(self, best_model_path: str) -> None:
+        if best_model_path:
+            state = torch.load(best_model_path, map_location=self.device, weights_only=True)
+            self.load_state_dict(state["state_dict"])
+
+    def evaluate(self, data: DataLoader, *, gpus: Gpus = None, **trainer_kwargs: Any) -> dict[str, float]:
+        """The loss and metrics over a whole DataLoader.
+
+        Args:
+            data: The DataLoader to evaluate on.
+            gpus: As in `fit`. Defaults to None.
+            **trainer_kwargs: Passed to `pl.Trainer`.
+
+        Returns:
+            `{"loss": ..., **metrics}`, each over every row of `data`.
+
+        Example:
+            >>> model.evaluate(dl_valid)  # doctest: +SKIP
+            {'loss': 0.16, 'acc': 0.93}
+        """
+        _check_loader("data", data)
+        device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
+        with _quiet(0):
+            trainer = _trainer(1, 0, [], {**trainer_kwargs, **device_kwargs})
+            (results,) = trainer.test(self, dataloaders=data, verbose=False)
+        return {key.removeprefix("test_"): value for key, value in results.items()}
+
+    def predict(self, data: DataLoader | Iterable[Any] | torch.Tensor) -> torch.Tensor:
+        """The net's outputs, batches concatenated, on the CPU.
+
+        Args:
+            data: A DataLoader (inputs are `batch[0]`, or the batch itself when it is a
+                tensor), any iterable of such batches, or one input tensor.
+
+        Returns:
+            The outputs of `model.net`, without gradients.
+
+        Example:
+            >>> probabilities = torch.sigmoid(model.predict(dl_valid))  # doctest: +SKIP
+        """
+        batches = [data] if isinstance(data, torch.Tensor) else data
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                outputs = [self.net(self.example_input(b).to(self.device)) for b in batches]
+        finally:
+            self.train(was_training)
+        if not outputs:
+            raise LkflowError("Received: data with no batches. Pass a non-empty DataLoader.")
+        return torch.cat(outputs).cpu()
+
+    def history_frame(self) -> pd.DataFrame:
+        """The history as a DataFrame, one row per epoch.
+
+        Returns:
+            Columns `epoch`, the train keys, the `val_` keys and `lr`.
+        """
+        import pandas as pd
+
+        return pd.DataFrame(self.history)
+
+
+class _EpochValues:
+    """Sums of `value * rows` and row counts on the device; read once per epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.metrics: dict[str, torchmetrics.Metric] = {}
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+        self.sums, self.rows, self.metrics = {}, {}, {}
+
+    def add(self, values: Mapping[str, Any], rows: int) -> None:
+        for key, value in values.items():
+            if isinstance(value, torchmetrics.Metric):
+                self.metrics[key] = value
+                continue
+            weighted = _scalar(key, value).detach().float() * rows
+            if key in self.sums:
+                self.sums[key].add_(weighted)
+                self.rows[key] += rows
+            else:
+                self.sums[key], self.rows[key] = weighted, rows
+
+    def compute(self, strategy: Any, prefix: str) -> dict[str, float]:
+        """Epoch values over every row on every process, then a reset."""
+        keys = list(self.sums)
+        values: list[float] = []
+        if keys:
+            sums = torch.stack([self.sums[key] for key in keys])
+            rows = torch.tensor([self.rows[key] for key in keys], device=sums.device).float()
+            totals = strategy.reduce(torch.cat([sums, rows]), reduce_op="sum")
+            values = (totals[: len(keys)] / totals[len(keys) :]).tolist()
+        computed = dict(zip(keys, values))
+        for key, metric in self.metrics.items():
+            computed[key] = float(metric.compute())
+        self.reset()
+        return {f"{prefix}{key}": value for key, value in computed.items()}
+
+
+def _scalar(key: str, value: Any) -> torch.Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.reshape(())
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    raise LkflowError(
+        f"Received: shared_step value {key!r} of {shape}. Expected a scalar tensor or a "
+        "torchmetrics.Metric; reduce it first, such as value.mean()."
+    )
+
+
+def _is_metric(value: Any) -> bool:
+    return isinstance(value, torchmetrics.Metric)
+
+
+def _stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, torchmetrics.Metric]:
+    """Copies of the torchmetrics in `metrics` (one set per stage); rejects non-metrics."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise LkflowError(
+            f"Received: metrics={metrics!r}. Expected a dict of name to metric, such as "
+            "{'acc': torchmetrics.classification.BinaryAccuracy()}."
+        )
+    for name, metric in metrics.items():
+        if isinstance(metric, type) or not callable(metric):
+            hint = f" Pass an instance: {metric.__name__}()." if isinstance(metric, type) else ""
+            raise LkflowError(
+                f"Received: metrics[{name!r}]={metric!r}. Expected a torchmetrics.Metric "
+                f"instance or a function (preds, target) -> tensor.{hint}"
+            )
+    return {name: copy.deepcopy(metric) for name, metric in metrics.items() if _is_metric(metric)}
+
+
+def _split_xy(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    size = f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
+    raise LkflowError(
+        f"Received: a batch of type {type(batch).__name__}{size}. The default step expects "
+        "(x, y) pairs; yield them from the DataLoader, or override shared_step(batch)."
+    )
+
+
+def _rows(batch: Any) -> int:
+    """The number of rows in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(items, Iterable) and not isinstance(items, (str, bytes)):
+        for item in items:
+            rows = _rows(item)
+            if rows:
+                return rows
+    return 0
+
+
+def _first_lr(optimizers: list[torch.optim.Optimizer]) -> float | None:
+    if not optimizers:
+        return None
+    return float(optimizers[0].param_groups[0]["lr"])
+
+
+def _check_finite(row: Mapping[str, float]) -> None:
+    for key, value in row.items():
+        if key.endswith("loss") and not math.isfinite(value):
+            raise FloatingPointError(
+                f"{key} is {value} at epoch {row['epoch']}: training stopped. The best "
+                "checkpoint before it is kept; lower the learning rate or clip gradients "
+                "(gradient_clip_val=1.0)."
+            )
+
+
+def _check_loader(name: str, loader: Any) -> None:
+    length = len(loader) if hasattr(loader, "__len__") else None
+    if length == 0:
+        raise LkflowError(
+            f"Received: {name} with no batches (dataset of {_dataset_size(loader)} rows). "
+            "Pass a DataLoader over a non-empty dataset, with batch_size <= rows when drop_last."
+        )
+
+
+def _dataset_size(loader: Any) -> str:
+    dataset = getattr(loader, "dataset", None)
+    return str(len(dataset)) if hasattr(dataset, "__len__") else "unknown"
+
+
+def _check_fit_args(
+    epochs: Any, mode: Any, patience: Any, verbose: Any, train_data: Any, val_data: Any,
+    ckpt_path: Any, ckpt_dir: Any,
+) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise LkflowError(f"Received: epochs={epochs!r}. Expected an int >= 1, such as epochs=10.")
+    if mode not in ("min", "max"):
+        raise LkflowError(f"Received: mode={mode!r}. Expected 'min' or 'max'.")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
+        raise LkflowError(f"Received: patience={patience!r}. Expected None or an int >= 0.")
+    if verbose not in (0, 1, 2):
+        raise LkflowError(
+            f"Received: verbose={verbose!r}. Expected 0 (quiet), 1 (progress bar) or 2 (a line per epoch)."
+        )
+    _check_loader("train_data", train_data)
+    if val_data is not None:
+        _check_loader("val_data", val_data)
+    if ckpt_path not in (None, "last") and not os.path.isfile(ckpt_path):
+        raise LkflowError(
+            f"Received: ckpt_path={ckpt_path!r}, which is not a file. Pass a .ckpt written by "
+            "a previous fit, or 'last' for the newest one."
+        )
+    _check_writable(ckpt_dir)
+
+
+def _check_writable(folder: str | os.PathLike[str]) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise LkflowError(
+            f"Received: ckpt_dir={os.fspath(folder)!r}, which cannot be created ({err.strerror}). "
+            "Pass a folder you can write to."
+        ) from err
+    if not os.access(folder, os.W_OK):
+        raise LkflowError(
+            f"Received: ckpt_dir={os.fspath(folder)!r}, which is not writable. "
+            "Pass a folder you can write to."
+        )
+
+
+def _trainer(epochs: int, verbose: int, callbacks: list[Callback], kwargs: dict[str, Any]) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": epochs,
+        "logger": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": verbose == 1,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    }
+    return pl.Trainer(**(options | kwargs), callbacks=callbacks)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: int) -> Iterator[None]:
+    """Silences Lightning's start-up chatter and its data-loader advice unless `verbose == 1`."""
+    if verbose == 1:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
