@@ -32,8 +32,16 @@ _EXPORTS = {
     "LkflowError": "lkflow.errors",
 }
 
-__all__ = ["LightModel", "LkflowError", "MLflowCallback", "Summary", "__version__",
-           "plot_history", "plot_metric", "summary"]
+__all__ = [
+    "LightModel",
+    "LkflowError",
+    "MLflowCallback",
+    "Summary",
+    "__version__",
+    "plot_history",
+    "plot_metric",
+    "summary",
+]
 
 
 def __getattr__(name: str) -> Any:

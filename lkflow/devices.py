@@ -14,7 +14,9 @@ from lkflow.errors import LkflowError
 
 Gpus = int | str | list[int] | tuple[int, ...] | None
 
-_ACCEPTED = "0 (CPU), N > 0 (N GPUs), -1 (all GPUs), a list like [0, 1], or a string like '1' or '0,1'"
+_ACCEPTED = (
+    "0 (CPU), N > 0 (N GPUs), -1 (all GPUs), a list like [0, 1], or a string like '1' or '0,1'"
+)
 
 
 def parse_gpus(gpus: Gpus) -> int | list[int] | None:

@@ -226,12 +226,12 @@ class LightModel(pl.LightningModule):
         logged += ["lr"]
         for callback in self.trainer.callbacks:
             monitor = getattr(callback, "monitor", None)
-            if isinstance(callback, (ModelCheckpoint, EarlyStopping)) and monitor:
-                if monitor not in logged:
-                    raise LkflowError(
-                        f"Received: monitor={monitor!r} ({type(callback).__name__}), which is "
-                        f"never logged. Logged keys: {', '.join(logged)}. Pass one of them."
-                    )
+            watches = isinstance(callback, (ModelCheckpoint, EarlyStopping)) and monitor
+            if watches and monitor not in logged:
+                raise LkflowError(
+                    f"Received: monitor={monitor!r} ({type(callback).__name__}), which is "
+                    f"never logged. Logged keys: {', '.join(logged)}. Pass one of them."
+                )
 
     # ---- optimizers and checkpoints ------------------------------------------------------
 
@@ -285,11 +285,16 @@ class LightModel(pl.LightningModule):
         if net is None:
             raise LkflowError(
                 f"{cls.__name__}.load_from_checkpoint needs the net: checkpoints hold weights, "
-                f"not modules. Pass a fresh one: {cls.__name__}.load_from_checkpoint(path, net=Net())."
+                "not modules. Pass a fresh one: "
+                f"{cls.__name__}.load_from_checkpoint(path, net=Net())."
             )
         return super().load_from_checkpoint(
-            checkpoint_path, map_location=map_location, strict=strict, weights_only=True,
-            net=net, **kwargs,
+            checkpoint_path,
+            map_location=map_location,
+            strict=strict,
+            weights_only=True,
+            net=net,
+            **kwargs,
         )
 
     # ---- Keras-style API -----------------------------------------------------------------
@@ -352,8 +357,12 @@ class LightModel(pl.LightningModule):
         _check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
         device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
         checkpoint = ModelCheckpoint(
-            dirpath=ckpt_dir, filename=f"{{epoch}}-{{{monitor}:.4f}}", monitor=monitor,
-            mode=mode, save_top_k=1, save_last=True,
+            dirpath=ckpt_dir,
+            filename=f"{{epoch}}-{{{monitor}:.4f}}",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=True,
         )
         fit_callbacks: list[Callback] = [checkpoint, *callbacks]
         if patience is not None:
@@ -365,8 +374,10 @@ class LightModel(pl.LightningModule):
             from lkflow.tracking import MLflowCallback
 
             tracker = MLflowCallback(
-                experiment_name=experiment_name, run_name=run_name,
-                registered_model_name=registered_model_name, tracking_uri=tracking_uri,
+                experiment_name=experiment_name,
+                run_name=run_name,
+                registered_model_name=registered_model_name,
+                tracking_uri=tracking_uri,
             )
             fit_callbacks.append(tracker)
         with _quiet(verbose):
@@ -382,7 +393,9 @@ class LightModel(pl.LightningModule):
             state = torch.load(best_model_path, map_location=self.device, weights_only=True)
             self.load_state_dict(state["state_dict"])
 
-    def evaluate(self, data: DataLoader, *, gpus: Gpus = None, **trainer_kwargs: Any) -> dict[str, float]:
+    def evaluate(
+        self, data: DataLoader, *, gpus: Gpus = None, **trainer_kwargs: Any
+    ) -> dict[str, float]:
         """The loss and metrics over a whole DataLoader.
 
         Args:
@@ -474,7 +487,7 @@ class _EpochValues:
             rows = torch.tensor([self.rows[key] for key in keys], device=sums.device).float()
             totals = strategy.reduce(torch.cat([sums, rows]), reduce_op="sum")
             values = (totals[: len(keys)] / totals[len(keys) :]).tolist()
-        computed = dict(zip(keys, values))
+        computed = dict(zip(keys, values, strict=True))
         for key, metric in self.metrics.items():
             computed[key] = float(metric.compute())
         self.reset()
@@ -570,18 +583,27 @@ def _dataset_size(loader: Any) -> str:
 
 
 def _check_fit_args(
-    epochs: Any, mode: Any, patience: Any, verbose: Any, train_data: Any, val_data: Any,
-    ckpt_path: Any, ckpt_dir: Any,
+    epochs: Any,
+    mode: Any,
+    patience: Any,
+    verbose: Any,
+    train_data: Any,
+    val_data: Any,
+    ckpt_path: Any,
+    ckpt_dir: Any,
 ) -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise LkflowError(f"Received: epochs={epochs!r}. Expected an int >= 1, such as epochs=10.")
     if mode not in ("min", "max"):
         raise LkflowError(f"Received: mode={mode!r}. Expected 'min' or 'max'.")
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
+    if patience is not None and (
+        isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
+    ):
         raise LkflowError(f"Received: patience={patience!r}. Expected None or an int >= 0.")
     if verbose not in (0, 1, 2):
         raise LkflowError(
-            f"Received: verbose={verbose!r}. Expected 0 (quiet), 1 (progress bar) or 2 (a line per epoch)."
+            f"Received: verbose={verbose!r}. "
+            "Expected 0 (quiet), 1 (progress bar) or 2 (a line per epoch)."
         )
     _check_loader("train_data", train_data)
     if val_data is not None:
@@ -609,7 +631,9 @@ def _check_writable(folder: str | os.PathLike[str]) -> None:
         )
 
 
-def _trainer(epochs: int, verbose: int, callbacks: list[Callback], kwargs: dict[str, Any]) -> pl.Trainer:
+def _trainer(
+    epochs: int, verbose: int, callbacks: list[Callback], kwargs: dict[str, Any]
+) -> pl.Trainer:
     options: dict[str, Any] = {
         "max_epochs": epochs,
         "logger": False,
@@ -630,12 +654,14 @@ def _quiet(verbose: int) -> Iterator[None]:
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+        warnings.filterwarnings(
+            "ignore", message=".*Checkpoint directory .* exists and is not empty.*"
+        )
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
         for logger in loggers:
             logger.setLevel(logging.WARNING)
         try:
             yield
         finally:
-            for logger, level in zip(loggers, levels):
+            for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)

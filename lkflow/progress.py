@@ -28,7 +28,9 @@ def format_row(row: dict[str, Any], max_epochs: int | None) -> str:
     parts = [f"Epoch {int(row['epoch']) + 1}{total}"]
     if "time" in row:
         parts.append(f"{row['time']:.2f}s")
-    parts += [f"{key}: {_number(value)}" for key, value in row.items() if key not in ("epoch", "time")]
+    parts += [
+        f"{key}: {_number(value)}" for key, value in row.items() if key not in ("epoch", "time")
+    ]
     return " - ".join(parts)
 
 
@@ -42,7 +44,8 @@ class EpochLogger(pl.Callback):
     """Prints each finished epoch of a LightModel's history as one line, on rank zero.
 
     A LightModel appends an epoch's row in its own `on_train_epoch_end`, which Lightning calls
-    after the callbacks' hook; so the row is printed as the next epoch starts, or when training ends.
+    after the callbacks' hook; so the row is printed as the next epoch starts, or as training
+    ends.
 
     Args:
         print_fn: Where the lines go. Defaults to `print`.

@@ -1,0 +1,92 @@
+"""Shared fixtures: a seeded tiny net and data, and a fresh MLflow sqlite store per test."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+_MLFLOW_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_RUN_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_EXPERIMENT_ID",
+)
+
+
+class Net(nn.Module):
+    """The article's net, returning logits: Linear(2, 6) - Linear(6, 12) - Linear(12, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2, 6)
+        self.fc2 = nn.Linear(6, 12)
+        self.fc3 = nn.Linear(12, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def make_rings(n: int, seed: int = 0) -> TensorDataset:
+    """The article's two rings: half the points at radius 5 (label 1), half at radius 8 (label 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    half = n // 2
+    radius = torch.cat(
+        [
+            5.0 + torch.randn(half, 1, generator=generator),
+            8.0 + torch.randn(n - half, 1, generator=generator),
+        ]
+    )
+    theta = 2 * math.pi * torch.rand(n, 1, generator=generator)
+    x = torch.cat([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)
+    y = torch.cat([torch.ones(half, 1), torch.zeros(n - half, 1)])
+    return TensorDataset(x, y)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_and_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test runs in its own folder, with a fixed seed and no MLflow settings inherited."""
+    monkeypatch.chdir(tmp_path)
+    for name in _MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    pl.seed_everything(0, verbose=False)
+    yield
+
+
+@pytest.fixture
+def loaders() -> tuple[DataLoader, DataLoader]:
+    """Train (320 rows) and validation (250 rows, a short last batch) loaders of the rings."""
+    train = DataLoader(make_rings(320, seed=1), batch_size=64, shuffle=True)
+    valid = DataLoader(make_rings(250, seed=2), batch_size=64)
+    return train, valid
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh sqlite tracking store in the test's folder, set as MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("MPLBACKEND", "Agg")
