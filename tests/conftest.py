@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+
+from lkflow.datasets import rings
 
 _MLFLOW_ENV = (
     "MLFLOW_TRACKING_URI",
@@ -34,22 +35,6 @@ class Net(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def make_rings(n: int, seed: int = 0) -> TensorDataset:
-    """The article's two rings: half the points at radius 5 (label 1), half at radius 8 (label 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    half = n // 2
-    radius = torch.cat(
-        [
-            5.0 + torch.randn(half, 1, generator=generator),
-            8.0 + torch.randn(n - half, 1, generator=generator),
-        ]
-    )
-    theta = 2 * math.pi * torch.rand(n, 1, generator=generator)
-    x = torch.cat([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)
-    y = torch.cat([torch.ones(half, 1), torch.zeros(n - half, 1)])
-    return TensorDataset(x, y)
-
-
 @pytest.fixture(autouse=True)
 def _seeded_and_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every test runs in its own folder, with a fixed seed and no MLflow settings inherited."""
@@ -63,8 +48,8 @@ def _seeded_and_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
 @pytest.fixture
 def loaders() -> tuple[DataLoader, DataLoader]:
     """Train (320 rows) and validation (250 rows, a short last batch) loaders of the rings."""
-    train = DataLoader(make_rings(320, seed=1), batch_size=64, shuffle=True)
-    valid = DataLoader(make_rings(250, seed=2), batch_size=64)
+    train = DataLoader(rings(320, seed=1), batch_size=64, shuffle=True)
+    valid = DataLoader(rings(250, seed=2), batch_size=64)
     return train, valid
 
 

@@ -10,13 +10,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchmetrics
-from conftest import Net, make_rings
+from conftest import Net
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 import lkflow
 from lkflow import LightModel, LkflowError
+from lkflow.datasets import rings
 
 
 class ArticleModel(LightModel):
@@ -291,7 +292,7 @@ def test_a_batch_that_is_not_x_y(loaders):
 
 
 def test_an_empty_loader():
-    empty = DataLoader(make_rings(10), batch_size=64, drop_last=True)
+    empty = DataLoader(rings(10), batch_size=64, drop_last=True)
     with pytest.raises(LkflowError, match="train_data with no batches"):
         fit_quietly(keras_model(), empty)
 
