@@ -38,6 +38,7 @@ __all__ = [
     "MLflowCallback",
     "Summary",
     "__version__",
+    "datasets",
     "plot_history",
     "plot_metric",
     "summary",
@@ -45,6 +46,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "datasets":
+        return importlib.import_module("lkflow.datasets")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lkflow' has no attribute {name!r}")
