@@ -2,7 +2,9 @@
 
 Subclass it and write `shared_step(batch) -> {"loss": ..., **metrics}`, or pass `loss_fn` and
 `metrics`; then `fit`, `evaluate` and `predict`, or hand it to a plain `pl.Trainer`. Epoch
-values are accumulated on the device and read once per epoch, never per step.
+values are accumulated on the device and read once per epoch, never per step. With several
+processes (DDP), sums and row counts are added up across them, so every process holds the
+values over the whole data set.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torchmetrics
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.utilities.data import _update_dataloader
 from torch import nn
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
 from lkflow.devices import Gpus, trainer_device_kwargs
@@ -348,7 +352,10 @@ class LightModel(pl.LightningModule):
                 accumulate_grad_batches, devices, strategy, ...).
 
         Returns:
-            The history, one row per epoch.
+            The history, one row per epoch. With several processes, the `val_` values are over
+            every validation row once; the training values are over the rows trained on,
+            which Lightning's sampler pads with up to one repeated row per process so that
+            all processes take the same number of steps.
 
         Example:
             >>> history = model.fit(dl_train, dl_valid, epochs=10, gpus=0)  # doctest: +SKIP
@@ -382,6 +389,8 @@ class LightModel(pl.LightningModule):
             fit_callbacks.append(tracker)
         with _quiet(verbose):
             trainer = _trainer(epochs, verbose, fit_callbacks, {**trainer_kwargs, **device_kwargs})
+            if val_data is not None:
+                val_data = _each_row_once("val_data", val_data, trainer, trainer_kwargs)
             trainer.fit(self, train_data, val_data, ckpt_path=ckpt_path)
         if tracker is not None:
             self.run_id = tracker.run_id_
@@ -404,7 +413,8 @@ class LightModel(pl.LightningModule):
             **trainer_kwargs: Passed to `pl.Trainer`.
 
         Returns:
-            `{"loss": ..., **metrics}`, each over every row of `data`.
+            `{"loss": ..., **metrics}`, each over every row of `data` (once, also when
+            several processes share the rows).
 
         Example:
             >>> model.evaluate(dl_valid)  # doctest: +SKIP
@@ -414,6 +424,7 @@ class LightModel(pl.LightningModule):
         device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
         with _quiet(0):
             trainer = _trainer(1, 0, [], {**trainer_kwargs, **device_kwargs})
+            data = _each_row_once("data", data, trainer, trainer_kwargs)
             (results,) = trainer.test(self, dataloaders=data, verbose=False)
         return {key.removeprefix("test_"): value for key, value in results.items()}
 
@@ -492,6 +503,50 @@ class _EpochValues:
             computed[key] = float(metric.compute())
         self.reset()
         return {f"{prefix}{key}": value for key, value in computed.items()}
+
+
+class _EachRowOnce(DistributedSampler):
+    """One process's share of an evaluation set: rows `rank, rank + n, ...` of `n` processes.
+
+    Lightning gives evaluation loaders a `DistributedSampler`, which repeats up to one row per
+    process so that all take the same number of steps; summed epoch values would count those
+    rows twice. Here a share is one row shorter instead, as in Lightning's own sampler for
+    predictions: evaluation steps never wait for each other (DDP syncs buffers at most before
+    the first batch, which every share has), only the epoch end does. The rank is read when
+    rows are drawn, as forked or spawned processes learn it after the loader is built.
+    """
+
+    def __init__(self, dataset: Sized, trainer: pl.Trainer) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+        self.trainer = trainer
+
+    def _share(self) -> range:
+        kwargs = self.trainer.distributed_sampler_kwargs or {}
+        return range(kwargs.get("rank", 0), len(self.dataset), kwargs.get("num_replicas", 1))
+
+    @override
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._share())
+
+    @override
+    def __len__(self) -> int:
+        return len(self._share())
+
+
+def _each_row_once(
+    name: str, loader: DataLoader, trainer: pl.Trainer, trainer_kwargs: Mapping[str, Any]
+) -> DataLoader:
+    """`loader` with an `_EachRowOnce` sampler where Lightning would add a padding one."""
+    processes = (trainer.distributed_sampler_kwargs or {}).get("num_replicas", 1)
+    plain = type(loader.sampler) in (SequentialSampler, RandomSampler)
+    if processes == 1 or not plain or not trainer_kwargs.get("use_distributed_sampler", True):
+        return loader
+    if len(loader.dataset) < processes:
+        raise LkflowError(
+            f"Received: {name} of {len(loader.dataset)} rows for {processes} processes. Each "
+            f"process needs a row: pass at least {processes} rows, or use fewer devices."
+        )
+    return _update_dataloader(loader, _EachRowOnce(loader.dataset, trainer))
 
 
 def _scalar(key: str, value: Any) -> torch.Tensor:
@@ -658,6 +713,8 @@ def _quiet(verbose: int) -> Iterator[None]:
             "ignore", message=".*Checkpoint directory .* exists and is not empty.*"
         )
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+        # epoch values are already summed across processes before they are logged
+        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
         for logger in loggers:
             logger.setLevel(logging.WARNING)
         try:
