@@ -10,25 +10,23 @@ values over the whole data set.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 import torch
-import torchmetrics
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from pytorch_lightning.utilities.data import _update_dataloader
 from torch import nn
-from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
+from lkflow.checks import check_finite, check_fit_args, check_loader, is_metric, stage_metrics
 from lkflow.devices import Gpus, trainer_device_kwargs
+from lkflow.epoch_values import EpochValues, each_row_once, rows_in
 from lkflow.errors import LkflowError
+from lkflow.layers import naming_the_failing_layer
 from lkflow.progress import EpochLogger
 
 if TYPE_CHECKING:
@@ -77,16 +75,17 @@ class LightModel(pl.LightningModule):
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.train_metrics = nn.ModuleDict(_stage_metrics(metrics))
-        self.val_metrics = nn.ModuleDict(_stage_metrics(metrics))
-        self.test_metrics = nn.ModuleDict(_stage_metrics(metrics))
-        self._functions = {k: v for k, v in (metrics or {}).items() if not _is_metric(v)}
+        self.train_metrics = nn.ModuleDict(stage_metrics(metrics))
+        self.val_metrics = nn.ModuleDict(stage_metrics(metrics))
+        self.test_metrics = nn.ModuleDict(stage_metrics(metrics))
+        self._functions = {k: v for k, v in (metrics or {}).items() if not is_metric(v)}
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
-        self._epochs = {stage: _EpochValues() for stage in _STAGES}
+        self._epochs = {stage: EpochValues() for stage in _STAGES}
         self._val_row: dict[str, float] = {}
         self._epoch_lr: float | None = None
-        self._keys_checked = False
+        self._keys_checked = False  # whether the monitored keys were checked in this fit
+        self._first_step = True  # the first step of a run names a layer that fails
         self.save_hyperparameters(ignore=_NOT_HPARAMS)
         self._check_has_loss()
 
@@ -165,8 +164,16 @@ class LightModel(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._step(batch, "test")
 
+    @override
+    def setup(self, stage: str) -> None:
+        self._keys_checked = False
+        self._first_step = True
+
     def _step(self, batch: Any, stage: str) -> dict[str, Any]:
-        values = self.shared_step(batch)
+        watch = naming_the_failing_layer(self.net) if self._first_step else contextlib.nullcontext()
+        with watch:
+            values = self.shared_step(batch)
+        self._first_step = False
         if isinstance(values, torch.Tensor):
             values = {"loss": values}
         if not isinstance(values, Mapping) or "loss" not in values:
@@ -175,7 +182,7 @@ class LightModel(pl.LightningModule):
                 f"Received: shared_step returned {keys}. Expected a dict with a 'loss' key, "
                 "such as {'loss': loss, 'acc': acc}."
             )
-        self._epochs[stage].add(values, _rows(batch))
+        self._epochs[stage].add(values, rows_in(batch))
         return values
 
     def _stage(self) -> str:
@@ -219,7 +226,7 @@ class LightModel(pl.LightningModule):
             row["lr"] = self._epoch_lr
         self.history.append(row)
         self.log_dict(train)
-        _check_finite(row)
+        check_finite(row)
 
     def _check_monitors(self, values: Mapping[str, Any]) -> None:
         """Fail at the first step when a checkpoint or early stopping watches a key never logged."""
@@ -361,7 +368,7 @@ class LightModel(pl.LightningModule):
             >>> history = model.fit(dl_train, dl_valid, epochs=10, gpus=0)  # doctest: +SKIP
         """
         monitor = monitor or ("val_loss" if val_data is not None else "loss")
-        _check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
+        check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
         device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
         checkpoint = ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -390,7 +397,7 @@ class LightModel(pl.LightningModule):
         with _quiet(verbose):
             trainer = _trainer(epochs, verbose, fit_callbacks, {**trainer_kwargs, **device_kwargs})
             if val_data is not None:
-                val_data = _each_row_once("val_data", val_data, trainer, trainer_kwargs)
+                val_data = each_row_once("val_data", val_data, trainer, trainer_kwargs)
             trainer.fit(self, train_data, val_data, ckpt_path=ckpt_path)
         if tracker is not None:
             self.run_id = tracker.run_id_
@@ -420,11 +427,11 @@ class LightModel(pl.LightningModule):
             >>> model.evaluate(dl_valid)  # doctest: +SKIP
             {'loss': 0.16, 'acc': 0.93}
         """
-        _check_loader("data", data)
+        check_loader("data", data)
         device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
         with _quiet(0):
             trainer = _trainer(1, 0, [], {**trainer_kwargs, **device_kwargs})
-            data = _each_row_once("data", data, trainer, trainer_kwargs)
+            data = each_row_once("data", data, trainer, trainer_kwargs)
             (results,) = trainer.test(self, dataloaders=data, verbose=False)
         return {key.removeprefix("test_"): value for key, value in results.items()}
 
@@ -464,126 +471,6 @@ class LightModel(pl.LightningModule):
         return pd.DataFrame(self.history)
 
 
-class _EpochValues:
-    """Sums of `value * rows` and row counts on the device; read once per epoch."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
-        self.metrics: dict[str, torchmetrics.Metric] = {}
-
-    def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
-        self.sums, self.rows, self.metrics = {}, {}, {}
-
-    def add(self, values: Mapping[str, Any], rows: int) -> None:
-        for key, value in values.items():
-            if isinstance(value, torchmetrics.Metric):
-                self.metrics[key] = value
-                continue
-            weighted = _scalar(key, value).detach().float() * rows
-            if key in self.sums:
-                self.sums[key].add_(weighted)
-                self.rows[key] += rows
-            else:
-                self.sums[key], self.rows[key] = weighted, rows
-
-    def compute(self, strategy: Any, prefix: str) -> dict[str, float]:
-        """Epoch values over every row on every process, then a reset."""
-        keys = list(self.sums)
-        values: list[float] = []
-        if keys:
-            sums = torch.stack([self.sums[key] for key in keys])
-            rows = torch.tensor([self.rows[key] for key in keys], device=sums.device).float()
-            totals = strategy.reduce(torch.cat([sums, rows]), reduce_op="sum")
-            values = (totals[: len(keys)] / totals[len(keys) :]).tolist()
-        computed = dict(zip(keys, values, strict=True))
-        for key, metric in self.metrics.items():
-            computed[key] = float(metric.compute())
-        self.reset()
-        return {f"{prefix}{key}": value for key, value in computed.items()}
-
-
-class _EachRowOnce(DistributedSampler):
-    """One process's share of an evaluation set: rows `rank, rank + n, ...` of `n` processes.
-
-    Lightning gives evaluation loaders a `DistributedSampler`, which repeats up to one row per
-    process so that all take the same number of steps; summed epoch values would count those
-    rows twice. Here a share is one row shorter instead, as in Lightning's own sampler for
-    predictions: evaluation steps never wait for each other (DDP syncs buffers at most before
-    the first batch, which every share has), only the epoch end does. The rank is read when
-    rows are drawn, as forked or spawned processes learn it after the loader is built.
-    """
-
-    def __init__(self, dataset: Sized, trainer: pl.Trainer) -> None:
-        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
-        self.trainer = trainer
-
-    def _share(self) -> range:
-        kwargs = self.trainer.distributed_sampler_kwargs or {}
-        return range(kwargs.get("rank", 0), len(self.dataset), kwargs.get("num_replicas", 1))
-
-    @override
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._share())
-
-    @override
-    def __len__(self) -> int:
-        return len(self._share())
-
-
-def _each_row_once(
-    name: str, loader: DataLoader, trainer: pl.Trainer, trainer_kwargs: Mapping[str, Any]
-) -> DataLoader:
-    """`loader` with an `_EachRowOnce` sampler where Lightning would add a padding one."""
-    processes = (trainer.distributed_sampler_kwargs or {}).get("num_replicas", 1)
-    plain = type(loader.sampler) in (SequentialSampler, RandomSampler)
-    if processes == 1 or not plain or not trainer_kwargs.get("use_distributed_sampler", True):
-        return loader
-    if len(loader.dataset) < processes:
-        raise LkflowError(
-            f"Received: {name} of {len(loader.dataset)} rows for {processes} processes. Each "
-            f"process needs a row: pass at least {processes} rows, or use fewer devices."
-        )
-    return _update_dataloader(loader, _EachRowOnce(loader.dataset, trainer))
-
-
-def _scalar(key: str, value: Any) -> torch.Tensor:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value))
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.reshape(())
-    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-    raise LkflowError(
-        f"Received: shared_step value {key!r} of {shape}. Expected a scalar tensor or a "
-        "torchmetrics.Metric; reduce it first, such as value.mean()."
-    )
-
-
-def _is_metric(value: Any) -> bool:
-    return isinstance(value, torchmetrics.Metric)
-
-
-def _stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, torchmetrics.Metric]:
-    """Copies of the torchmetrics in `metrics` (one set per stage); rejects non-metrics."""
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise LkflowError(
-            f"Received: metrics={metrics!r}. Expected a dict of name to metric, such as "
-            "{'acc': torchmetrics.classification.BinaryAccuracy()}."
-        )
-    for name, metric in metrics.items():
-        if isinstance(metric, type) or not callable(metric):
-            hint = f" Pass an instance: {metric.__name__}()." if isinstance(metric, type) else ""
-            raise LkflowError(
-                f"Received: metrics[{name!r}]={metric!r}. Expected a torchmetrics.Metric "
-                f"instance or a function (preds, target) -> tensor.{hint}"
-            )
-    return {name: copy.deepcopy(metric) for name, metric in metrics.items() if _is_metric(metric)}
-
-
 def _split_xy(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
@@ -594,96 +481,10 @@ def _split_xy(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def _rows(batch: Any) -> int:
-    """The number of rows in a batch: the first dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(items, Iterable) and not isinstance(items, (str, bytes)):
-        for item in items:
-            rows = _rows(item)
-            if rows:
-                return rows
-    return 0
-
-
 def _first_lr(optimizers: list[torch.optim.Optimizer]) -> float | None:
     if not optimizers:
         return None
     return float(optimizers[0].param_groups[0]["lr"])
-
-
-def _check_finite(row: Mapping[str, float]) -> None:
-    for key, value in row.items():
-        if key.endswith("loss") and not math.isfinite(value):
-            raise FloatingPointError(
-                f"{key} is {value} at epoch {row['epoch']}: training stopped. The best "
-                "checkpoint before it is kept; lower the learning rate or clip gradients "
-                "(gradient_clip_val=1.0)."
-            )
-
-
-def _check_loader(name: str, loader: Any) -> None:
-    length = len(loader) if hasattr(loader, "__len__") else None
-    if length == 0:
-        raise LkflowError(
-            f"Received: {name} with no batches (dataset of {_dataset_size(loader)} rows). "
-            "Pass a DataLoader over a non-empty dataset, with batch_size <= rows when drop_last."
-        )
-
-
-def _dataset_size(loader: Any) -> str:
-    dataset = getattr(loader, "dataset", None)
-    return str(len(dataset)) if hasattr(dataset, "__len__") else "unknown"
-
-
-def _check_fit_args(
-    epochs: Any,
-    mode: Any,
-    patience: Any,
-    verbose: Any,
-    train_data: Any,
-    val_data: Any,
-    ckpt_path: Any,
-    ckpt_dir: Any,
-) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise LkflowError(f"Received: epochs={epochs!r}. Expected an int >= 1, such as epochs=10.")
-    if mode not in ("min", "max"):
-        raise LkflowError(f"Received: mode={mode!r}. Expected 'min' or 'max'.")
-    if patience is not None and (
-        isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
-    ):
-        raise LkflowError(f"Received: patience={patience!r}. Expected None or an int >= 0.")
-    if verbose not in (0, 1, 2):
-        raise LkflowError(
-            f"Received: verbose={verbose!r}. "
-            "Expected 0 (quiet), 1 (progress bar) or 2 (a line per epoch)."
-        )
-    _check_loader("train_data", train_data)
-    if val_data is not None:
-        _check_loader("val_data", val_data)
-    if ckpt_path not in (None, "last") and not os.path.isfile(ckpt_path):
-        raise LkflowError(
-            f"Received: ckpt_path={ckpt_path!r}, which is not a file. Pass a .ckpt written by "
-            "a previous fit, or 'last' for the newest one."
-        )
-    _check_writable(ckpt_dir)
-
-
-def _check_writable(folder: str | os.PathLike[str]) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise LkflowError(
-            f"Received: ckpt_dir={os.fspath(folder)!r}, which cannot be created ({err.strerror}). "
-            "Pass a folder you can write to."
-        ) from err
-    if not os.access(folder, os.W_OK):
-        raise LkflowError(
-            f"Received: ckpt_dir={os.fspath(folder)!r}, which is not writable. "
-            "Pass a folder you can write to."
-        )
 
 
 def _trainer(

@@ -341,3 +341,10 @@ def test_an_unwritable_checkpoint_folder(loaders, tmp_path: Path):
 def test_the_package_exports_its_api():
     assert set(lkflow.__all__) >= {"LightModel", "MLflowCallback", "summary", "plot_metric"}
     assert lkflow.LightModel is LightModel
+
+
+def test_shapes_that_do_not_fit_the_net_name_the_layer():
+    x = torch.zeros(64, 3)
+    wrong = DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(64, 1)), batch_size=32)
+    with pytest.raises(LkflowError, match=r"layer 'fc1' \(Linear\) failed on input of shape \(32, 3\).*in_features=2"):
+        fit_quietly(keras_model(), wrong)

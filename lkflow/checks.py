@@ -1,0 +1,109 @@
+"""Checks of what a user passes to LightModel and fit, made before any work is done."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torchmetrics
+
+from lkflow.errors import LkflowError
+
+
+def stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, torchmetrics.Metric]:
+    """Copies of the torchmetrics in `metrics` (one set per stage); rejects non-metrics."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise LkflowError(
+            f"Received: metrics={metrics!r}. Expected a dict of name to metric, such as "
+            "{'acc': torchmetrics.classification.BinaryAccuracy()}."
+        )
+    for name, metric in metrics.items():
+        if isinstance(metric, type) or not callable(metric):
+            hint = f" Pass an instance: {metric.__name__}()." if isinstance(metric, type) else ""
+            raise LkflowError(
+                f"Received: metrics[{name!r}]={metric!r}. Expected a torchmetrics.Metric "
+                f"instance or a function (preds, target) -> tensor.{hint}"
+            )
+    return {name: copy.deepcopy(metric) for name, metric in metrics.items() if is_metric(metric)}
+
+
+def is_metric(value: Any) -> bool:
+    return isinstance(value, torchmetrics.Metric)
+
+
+def check_finite(row: Mapping[str, float]) -> None:
+    for key, value in row.items():
+        if key.endswith("loss") and not math.isfinite(value):
+            raise FloatingPointError(
+                f"{key} is {value} at epoch {row['epoch']}: training stopped. The best "
+                "checkpoint before it is kept; lower the learning rate or clip gradients "
+                "(gradient_clip_val=1.0)."
+            )
+
+
+def check_loader(name: str, loader: Any) -> None:
+    length = len(loader) if hasattr(loader, "__len__") else None
+    if length == 0:
+        raise LkflowError(
+            f"Received: {name} with no batches (dataset of {_dataset_size(loader)} rows). "
+            "Pass a DataLoader over a non-empty dataset, with batch_size <= rows when drop_last."
+        )
+
+
+def _dataset_size(loader: Any) -> str:
+    dataset = getattr(loader, "dataset", None)
+    return str(len(dataset)) if hasattr(dataset, "__len__") else "unknown"
+
+
+def check_fit_args(
+    epochs: Any,
+    mode: Any,
+    patience: Any,
+    verbose: Any,
+    train_data: Any,
+    val_data: Any,
+    ckpt_path: Any,
+    ckpt_dir: Any,
+) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise LkflowError(f"Received: epochs={epochs!r}. Expected an int >= 1, such as epochs=10.")
+    if mode not in ("min", "max"):
+        raise LkflowError(f"Received: mode={mode!r}. Expected 'min' or 'max'.")
+    if patience is not None and (
+        isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
+    ):
+        raise LkflowError(f"Received: patience={patience!r}. Expected None or an int >= 0.")
+    if verbose not in (0, 1, 2):
+        raise LkflowError(
+            f"Received: verbose={verbose!r}. "
+            "Expected 0 (quiet), 1 (progress bar) or 2 (a line per epoch)."
+        )
+    check_loader("train_data", train_data)
+    if val_data is not None:
+        check_loader("val_data", val_data)
+    if ckpt_path not in (None, "last") and not os.path.isfile(ckpt_path):
+        raise LkflowError(
+            f"Received: ckpt_path={ckpt_path!r}, which is not a file. Pass a .ckpt written by "
+            "a previous fit, or 'last' for the newest one."
+        )
+    check_writable(ckpt_dir)
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise LkflowError(
+            f"Received: ckpt_dir={os.fspath(folder)!r}, which cannot be created ({err.strerror}). "
+            "Pass a folder you can write to."
+        ) from err
+    if not os.access(folder, os.W_OK):
+        raise LkflowError(
+            f"Received: ckpt_dir={os.fspath(folder)!r}, which is not writable. "
+            "Pass a folder you can write to."
+        )

@@ -1,0 +1,134 @@
+"""Exact epoch values: sums of `value x rows` on the device, added up across processes.
+
+A mean of batch means weighs a short last batch like a full one, and Lightning's distributed
+sampler repeats rows so that every process takes the same number of steps. Here each value is
+summed with its batch's row count, read once per epoch, and evaluation sets are shared out so
+that every row counts once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from typing import TYPE_CHECKING, Any
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from pytorch_lightning.utilities.data import _update_dataloader
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+from typing_extensions import override
+
+from lkflow.errors import LkflowError
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+
+class EpochValues:
+    """Sums of `value * rows` and row counts on the device; read once per epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.metrics: dict[str, torchmetrics.Metric] = {}
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+        self.sums, self.rows, self.metrics = {}, {}, {}
+
+    def add(self, values: Mapping[str, Any], rows: int) -> None:
+        for key, value in values.items():
+            if isinstance(value, torchmetrics.Metric):
+                self.metrics[key] = value
+                continue
+            weighted = _scalar(key, value).detach().float() * rows
+            if key in self.sums:
+                self.sums[key].add_(weighted)
+                self.rows[key] += rows
+            else:
+                self.sums[key], self.rows[key] = weighted, rows
+
+    def compute(self, strategy: Any, prefix: str) -> dict[str, float]:
+        """Epoch values over every row on every process, then a reset."""
+        keys = list(self.sums)
+        values: list[float] = []
+        if keys:
+            sums = torch.stack([self.sums[key] for key in keys])
+            rows = torch.tensor([self.rows[key] for key in keys], device=sums.device).float()
+            totals = strategy.reduce(torch.cat([sums, rows]), reduce_op="sum")
+            values = (totals[: len(keys)] / totals[len(keys) :]).tolist()
+        computed = dict(zip(keys, values, strict=True))
+        for key, metric in self.metrics.items():
+            computed[key] = float(metric.compute())
+        self.reset()
+        return {f"{prefix}{key}": value for key, value in computed.items()}
+
+
+class EachRowOnce(DistributedSampler):
+    """One process's share of an evaluation set: rows `rank, rank + n, ...` of `n` processes.
+
+    Lightning gives evaluation loaders a `DistributedSampler`, which repeats up to one row per
+    process so that all take the same number of steps; summed epoch values would count those
+    rows twice. Here a share is one row shorter instead, as in Lightning's own sampler for
+    predictions: evaluation steps never wait for each other (DDP syncs buffers at most before
+    the first batch, which every share has), only the epoch end does. The rank is read when
+    rows are drawn, as forked or spawned processes learn it after the loader is built.
+    """
+
+    def __init__(self, dataset: Sized, trainer: pl.Trainer) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+        self.trainer = trainer
+
+    def _share(self) -> range:
+        kwargs = self.trainer.distributed_sampler_kwargs or {}
+        return range(kwargs.get("rank", 0), len(self.dataset), kwargs.get("num_replicas", 1))
+
+    @override
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._share())
+
+    @override
+    def __len__(self) -> int:
+        return len(self._share())
+
+
+def each_row_once(
+    name: str, loader: DataLoader, trainer: pl.Trainer, trainer_kwargs: Mapping[str, Any]
+) -> DataLoader:
+    """`loader` with an `EachRowOnce` sampler where Lightning would add a padding one."""
+    processes = (trainer.distributed_sampler_kwargs or {}).get("num_replicas", 1)
+    plain = type(loader.sampler) in (SequentialSampler, RandomSampler)
+    if processes == 1 or not plain or not trainer_kwargs.get("use_distributed_sampler", True):
+        return loader
+    if len(loader.dataset) < processes:
+        raise LkflowError(
+            f"Received: {name} of {len(loader.dataset)} rows for {processes} processes. Each "
+            f"process needs a row: pass at least {processes} rows, or use fewer devices."
+        )
+    return _update_dataloader(loader, EachRowOnce(loader.dataset, trainer))
+
+
+def _scalar(key: str, value: Any) -> torch.Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.reshape(())
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    raise LkflowError(
+        f"Received: shared_step value {key!r} of {shape}. Expected a scalar tensor or a "
+        "torchmetrics.Metric; reduce it first, such as value.mean()."
+    )
+
+
+def rows_in(batch: Any) -> int:
+    """The number of rows in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(items, Iterable) and not isinstance(items, (str, bytes)):
+        for item in items:
+            rows = rows_in(item)
+            if rows:
+                return rows
+    return 0
