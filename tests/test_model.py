@@ -346,5 +346,37 @@ def test_the_package_exports_its_api():
 def test_shapes_that_do_not_fit_the_net_name_the_layer():
     x = torch.zeros(64, 3)
     wrong = DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(64, 1)), batch_size=32)
-    with pytest.raises(LkflowError, match=r"layer 'fc1' \(Linear\) failed on input of shape \(32, 3\).*in_features=2"):
+    with pytest.raises(
+        LkflowError,
+        match=r"layer 'fc1' \(Linear\) failed on input of shape \(32, 3\).*in_features=2",
+    ):
         fit_quietly(keras_model(), wrong)
+
+
+class _Interrupt(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_reaches_the_caller_as_a_keyboard_interrupt(loaders):
+    model = keras_model()
+    with pytest.raises(KeyboardInterrupt):
+        fit_quietly(model, *loaders, epochs=3, callbacks=[_Interrupt()])
+    assert model.trainer.interrupted
+
+
+class _NanFromEpochOne(ArticleModel):
+    def shared_step(self, batch):
+        values = super().shared_step(batch)
+        if self.current_epoch >= 1:
+            values["loss"] = values["loss"] * torch.log(torch.tensor(-1.0))
+        return values
+
+
+def test_a_nan_loss_stops_the_fit_at_the_end_of_that_epoch(loaders):
+    model = _NanFromEpochOne(Net())
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1"):
+        fit_quietly(model, *loaders, epochs=5)
+    assert len(model.history) == 2
+    best = model.trainer.checkpoint_callback.best_model_path
+    assert "epoch=0" in best and Path(best).exists()
