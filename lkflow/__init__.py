@@ -19,17 +19,20 @@ if TYPE_CHECKING:
     from lkflow.errors import LkflowError
     from lkflow.model import LightModel
     from lkflow.plots import plot_history, plot_metric
-    from lkflow.summary import Summary, summary
+    from lkflow.summary_table import Summary, summary
+    from lkflow.tasks import Task, TaskOptions
     from lkflow.tracking import MLflowCallback
 
 _EXPORTS = {
     "LightModel": "lkflow.model",
     "MLflowCallback": "lkflow.tracking",
-    "summary": "lkflow.summary",
-    "Summary": "lkflow.summary",
+    "summary": "lkflow.summary_table",
+    "Summary": "lkflow.summary_table",
     "plot_metric": "lkflow.plots",
     "plot_history": "lkflow.plots",
     "LkflowError": "lkflow.errors",
+    "Task": "lkflow.tasks",
+    "TaskOptions": "lkflow.tasks",
 }
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "LkflowError",
     "MLflowCallback",
     "Summary",
+    "Task",
+    "TaskOptions",
     "__version__",
     "datasets",
     "plot_history",

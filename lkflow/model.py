@@ -398,7 +398,7 @@ class LightModel(pl.LightningModule):
             trainer = _trainer(epochs, verbose, fit_callbacks, {**trainer_kwargs, **device_kwargs})
             if val_data is not None:
                 val_data = each_row_once("val_data", val_data, trainer, trainer_kwargs)
-            _fit_passing_interrupts(trainer, self, train_data, val_data, ckpt_path)
+            _fit_passing_interrupts(trainer, self, train_data, val_data, ckpt_path=ckpt_path)
         if tracker is not None:
             self.run_id = tracker.run_id_
         self._restore_best(checkpoint.best_model_path)
@@ -500,14 +500,16 @@ def _trainer(
     return pl.Trainer(**(options | kwargs), callbacks=callbacks)
 
 
-def _fit_passing_interrupts(trainer: pl.Trainer, model: LightModel, *args: Any) -> None:
+def _fit_passing_interrupts(
+    trainer: pl.Trainer, model: LightModel, *args: Any, **kwargs: Any
+) -> None:
     """`trainer.fit`, except that Ctrl-C reaches the caller as the KeyboardInterrupt it was.
 
     Lightning ends a fit interrupted by Ctrl-C with `sys.exit(1)` once the callbacks have seen
     the interrupt; that would end a notebook's kernel and hide the interrupt from the caller.
     """
     try:
-        trainer.fit(model, *args)
+        trainer.fit(model, *args, **kwargs)
     except SystemExit as exit_:
         if isinstance(exit_.__context__, KeyboardInterrupt):
             raise exit_.__context__ from None

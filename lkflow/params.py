@@ -1,7 +1,7 @@
-"""Hyperparameters made fit for MLflow: flattened, masked, stringified, truncated.
+"""A fit's params for MLflow: what the fit is configured with, flattened, masked, truncated.
 
-Pure functions without MLflow: `MLflowCallback` builds one dict of everything a fit is
-configured with and passes it through `prepare_params` before logging it in batches.
+Pure functions without MLflow: `MLflowCallback` gathers the params with `fit_params` and
+passes them through `prepare_params` before logging them in batches.
 
 Example:
     >>> prepare_params({"optim": {"lr": 0.01, "betas": (0.9, 0.999)}, "api_key": "abc123"})
@@ -10,12 +10,18 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import posixpath
 import re
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from torch import nn
 
 MASK = "***"
 # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in 3.x).
@@ -23,13 +29,132 @@ MAX_VALUE_LENGTH = 6000
 # MLflow's limit on a param, metric or tag key (mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH).
 MAX_KEY_LENGTH = 250
 # Key segments that name a credential; a whole segment must match, so `monkey` is no `key`.
-_SECRET_WORDS = frozenset({
-    "token", "password", "passwd", "secret", "key",
-    "apikey", "accesskey", "secretkey", "privatekey", "authtoken", "accesstoken",
-})
+_SECRET_WORDS = frozenset(
+    {
+        "token",
+        "password",
+        "passwd",
+        "secret",
+        "key",
+        "apikey",
+        "accesskey",
+        "secretkey",
+        "privatekey",
+        "authtoken",
+        "accesstoken",
+    }
+)
 _SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 _URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+# Scheduler constructor arguments that are not settings, or change while training.
+_NOT_SCHEDULER_SETTINGS = frozenset({"optimizer", "last_epoch", "verbose"})
+# Optimizer group entries that are not settings.
+_NOT_GROUP_SETTINGS = frozenset({"params", "initial_lr"})
+
+
+def fit_params(trainer: pl.Trainer, net: nn.Module, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """What a fit is configured with, read once its optimizers and data loaders exist.
+
+    The trainer's epochs, batch size, precision, devices, strategy, accelerator and seed
+    (`PL_GLOBAL_SEED`), the net's class and size, the data sizes, each optimizer's class and
+    settings and each scheduler's; then `hparams`, which win over a same-named entry.
+
+    Args:
+        trainer: A trainer at `on_train_start`.
+        net: The bare net.
+        hparams: The module's hyperparameters, such as `pl_module.hparams`.
+
+    Returns:
+        Flat `{key: value}`; entries without a value (no seed, no batch size) are left out.
+
+    Example:
+        >>> fit_params(trainer, model.net, model.hparams)["optimizer.lr"]  # doctest: +SKIP
+        0.01
+    """
+    params: dict[str, Any] = {
+        "epochs": trainer.max_epochs,
+        "batch_size": _batch_size(trainer.train_dataloader),
+        "precision": trainer.precision,
+        "devices": trainer.num_devices,
+        "strategy": getattr(trainer.strategy, "strategy_name", type(trainer.strategy).__name__),
+        "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+        "seed": os.environ.get("PL_GLOBAL_SEED"),
+        "net": type(net).__name__,
+        "net.params": sum(p.numel() for p in net.parameters()),
+        "train_size": _size(getattr(trainer.train_dataloader, "dataset", None)),
+        "val_size": _size(getattr(trainer.val_dataloaders, "dataset", None)),
+        **_optimizer_params(trainer.optimizers),
+        **_scheduler_params(trainer.lr_scheduler_configs),
+    }
+    params = {key: value for key, value in params.items() if value is not None}
+    flat = flatten(dict(hparams))
+    shadowed = [k for k in flat if k in params and str(params[k]) != str(flat[k])]
+    if shadowed:
+        warnings.warn(
+            f"hparams {shadowed} share names with lkflow's own params; the hparams are logged.",
+            stacklevel=2,
+        )
+    return {**params, **flat}
+
+
+def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Entries that are numbers, strings or tuples of them; 0-d tensors as numbers."""
+    plain = {}
+    for key, value in settings.items():
+        value = _item(value)
+        items = value if isinstance(value, tuple) else (value,)
+        if all(isinstance(item, (bool, int, float, str)) for item in items):
+            plain[key] = value
+    return plain
+
+
+def _optimizer_params(optimizers: Sequence[Any]) -> dict[str, Any]:
+    """Class and constructor settings; a param group's own settings under `groupN`."""
+    params: dict[str, Any] = {}
+    for index, optimizer in enumerate(optimizers):
+        name = "optimizer" if index == 0 else f"optimizer_{index}"
+        defaults = _plain(optimizer.defaults)
+        params[name] = type(optimizer).__name__
+        params.update(flatten(defaults, name))
+        for number, group in enumerate(optimizer.param_groups):
+            settings = _plain({**group, "lr": group.get("initial_lr", group.get("lr"))})
+            own = {
+                k: v
+                for k, v in settings.items()
+                if k not in _NOT_GROUP_SETTINGS and defaults.get(k, v) != v
+            }
+            params.update(flatten(own, f"{name}.group{number}"))
+    return params
+
+
+def _scheduler_params(configs: Sequence[Any]) -> dict[str, Any]:
+    """Class, the constructor arguments it keeps under their own names, interval, frequency."""
+    params: dict[str, Any] = {}
+    for index, config in enumerate(configs):
+        name = "lr_scheduler" if index == 0 else f"lr_scheduler_{index}"
+        scheduler = config.scheduler
+        arguments = inspect.signature(type(scheduler).__init__).parameters
+        kept = {
+            k: v
+            for k, v in vars(scheduler).items()
+            if k in arguments and k not in _NOT_SCHEDULER_SETTINGS
+        }
+        params[name] = type(scheduler).__name__
+        params.update(flatten(_plain(kept), name))
+        params.update({f"{name}.interval": config.interval, f"{name}.frequency": config.frequency})
+        if config.monitor:
+            params[f"{name}.monitor"] = config.monitor
+    return params
+
+
+def _batch_size(loader: Any) -> int | None:
+    sampler = getattr(loader, "batch_sampler", None)
+    return getattr(loader, "batch_size", None) or getattr(sampler, "batch_size", None)
+
+
+def _size(dataset: Any) -> int | None:
+    return len(dataset) if hasattr(dataset, "__len__") else None
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -102,9 +227,12 @@ def stringify(value: Any) -> str:
         >>> stringify(0.01), stringify((0.9, 0.999)), stringify(None)
         ('0.01', '(0.9, 0.999)', 'None')
     """
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        value = value.item()
-    return str(value)
+    return str(_item(value))
+
+
+def _item(value: Any) -> Any:
+    """A 0-d tensor or NumPy scalar as the Python number it holds; anything else as is."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
 
 
 def truncate(text: str, limit: int = MAX_VALUE_LENGTH) -> str:
@@ -125,31 +253,25 @@ def truncate(text: str, limit: int = MAX_VALUE_LENGTH) -> str:
 
 
 def mask_value(key: str, value: Any) -> Any:
-    """`MASK` for a credential-looking value, else the value with URI credentials hidden.
+    """`MASK` for text under a key that names a credential, else the value itself.
 
-    Only text is masked by key: `token_dim=64` stays, `hf_token="hf_abc"` does not.
+    Only text is masked: `token_dim=64` stays, `hf_token="hf_abc"` does not.
 
     Args:
         key: The flat key of the value.
         value: The value.
 
     Returns:
-        `MASK`, the value with credentials in URIs hidden, or the value itself.
+        `MASK` or `value`.
 
     Example:
         >>> mask_value("db.password", "hunter2"), mask_value("token_dim", 64)
         ('***', 64)
     """
-    if isinstance(value, (str, bytes)) and is_secret_key(key):
-        return MASK
-    if isinstance(value, str):
-        return hide_credentials(value)
-    return value
+    return MASK if isinstance(value, (str, bytes)) and is_secret_key(key) else value
 
 
-def prepare_params(
-    params: Mapping[str, Any], limit: int = MAX_VALUE_LENGTH
-) -> dict[str, str]:
+def prepare_params(params: Mapping[str, Any], limit: int = MAX_VALUE_LENGTH) -> dict[str, str]:
     """Flattened, masked, stringified and truncated params with keys valid for MLflow.
 
     Args:

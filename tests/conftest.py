@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,10 +55,34 @@ def loaders() -> tuple[DataLoader, DataLoader]:
     return train, valid
 
 
+def fresh_store(folder: Path, migrated: Path) -> str:
+    """A new, empty sqlite store in `folder`, copied from `migrated` (no schema migrations)."""
+    shutil.copy(migrated, folder / "mlflow.db")
+    with sqlite3.connect(folder / "mlflow.db") as connection:  # Default's artifacts in `folder`
+        connection.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            (str(folder / "mlruns" / "0"),),
+        )
+    connection.close()
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty store with MLflow's schema: migrating takes seconds, copying milliseconds."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("migrated") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh sqlite tracking store in the test's folder, set as MLFLOW_TRACKING_URI."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_store: Path
+) -> Iterator[str]:
+    """A fresh store per test, as MLFLOW_TRACKING_URI, made by copying `migrated_store`."""
+    uri = fresh_store(tmp_path, migrated_store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield uri
     import mlflow

@@ -380,3 +380,9 @@ def test_a_nan_loss_stops_the_fit_at_the_end_of_that_epoch(loaders):
     assert len(model.history) == 2
     best = model.trainer.checkpoint_callback.best_model_path
     assert "epoch=0" in best and Path(best).exists()
+
+
+def test_summary_is_the_function_even_after_its_module_was_imported():
+    import lkflow.summary_table
+
+    assert callable(lkflow.summary) and lkflow.summary.__name__ == "summary"

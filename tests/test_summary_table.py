@@ -1,4 +1,4 @@
-"""Tests of lkflow.summary: parameter totals, output shapes, sizes, the printed table and errors."""
+"""Tests of lkflow.summary(): parameter totals, output shapes, sizes, the printed table and errors."""
 
 import pytest
 import pytorch_lightning as pl
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lkflow.summary import LayerRow, Summary, summary
+from lkflow.summary_table import LayerRow, Summary, summary
 
 
 class ArticleNet(nn.Module):

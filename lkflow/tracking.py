@@ -1,0 +1,730 @@
+"""MLflowCallback: one Lightning callback that logs a whole fit to MLflow and registers the net.
+
+    trainer = pl.Trainer(max_epochs=10, callbacks=[MLflowCallback(experiment_name="rings")])
+    trainer.fit(model, dl_train, dl_valid)
+
+What one fit logs, all through `MlflowClient` calls naming the run, from rank zero only:
+- params (train start): the module's hparams, optimizer, scheduler, epochs, batch size,
+  precision, devices, seed, the net's class and size, the data sizes; batched, 100 a call.
+- metrics: each `history` row once, `step=epoch`, one batched call per epoch; at the end
+  `best_<monitor>` and `best_epoch`.
+- inputs: the training and validation sets (rows, digest).
+- artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
+  of the bare net), `history.csv`, `curves.png`, `summary.txt`.
+- the model: the bare net with the best weights, exported with torch.export (a pickle with
+  the net's code where export fails), linked to the run and registered with tags.
+
+A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
+it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
+the run and ends it FINISHED, FAILED on an exception, or KILLED on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from lkflow.errors import LkflowError
+from lkflow.params import (
+    fit_params,
+    hide_credentials,
+    prepare_params,
+    same_value,
+    sanitize_key,
+    sanitize_keys,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+
+_DEFAULT_EXPERIMENT = "Default"
+_PARAMS_PER_CALL = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
+_METRICS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
+_EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input example
+_DIGEST_ROWS = 16  # rows hashed for a dataset's digest
+
+
+class MLflowCallback(pl.Callback):
+    """Logs a fit to MLflow, then logs and registers the bare net with its best weights.
+
+    Arguments are kept as passed; what they resolve to at fit start lives in attributes
+    with a trailing underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`,
+    `model_version_`.
+
+    Args:
+        experiment_name: Experiment of a new run. Defaults to None (`MLFLOW_EXPERIMENT_NAME`,
+            else `MLFLOW_EXPERIMENT_ID`, else MLflow's "Default").
+        run_name: Name of a new run. Defaults to None (MLflow picks one).
+        registered_model_name: Name to register the net under, or False not to register.
+            Defaults to None: the experiment's name, or the net's class name in "Default".
+        tracking_uri: Where to log. Defaults to None: `MLFLOW_TRACKING_URI`, else MLflow's
+            default (`sqlite:///mlflow.db` in the working folder), read when the fit starts.
+        run_id: A run to log into. Defaults to None: the active run, else `MLFLOW_RUN_ID`,
+            else the run of the checkpoint being resumed, else a new run.
+        log_model: Log (and register) the net as an MLflow model. Defaults to True.
+        tags: Tags set on the run. Defaults to None.
+
+    Example:
+        >>> tracker = MLflowCallback(experiment_name="rings", registered_model_name="rings-net")
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[tracker])  # doctest: +SKIP
+        >>> trainer.fit(model, dl_train, dl_valid)  # doctest: +SKIP
+        >>> tracker.model_version_.version  # doctest: +SKIP
+        '1'
+    """
+
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        registered_model_name: str | Literal[False] | None = None,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        log_model: bool = True,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.registered_model_name = registered_model_name
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.log_model = log_model
+        self.tags = tags
+        self.client_: MlflowClient | None = None
+        self.run_id_: str | None = None
+        self.experiment_id_: str | None = None
+        self.model_uri_: str | None = None
+        self.model_version_: ModelVersion | None = None
+        self._restored: dict[str, Any] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        """Per-fit state, cleared at each setup so one callback can track several fits."""
+        self._owns_run = False
+        self._run_params: dict[str, str] = {}
+        self._experiment_name = ""
+        self._n_logged = 0
+        self._metric_names: dict[str, str] = {}
+        self._logged_at: dict[int, int] = {}  # step -> the time its row was logged, in ms
+        self._example: torch.Tensor | None = None
+        self._example_done = False
+
+    # ---- Lightning hooks ---------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        if not isinstance(getattr(pl_module, "history", None), list):
+            raise LkflowError(
+                f"Received: {type(pl_module).__name__}, which has no `history` list. "
+                "MLflowCallback logs the per-epoch rows of an lkflow.LightModel; "
+                "wrap the net in LightModel(net, ...)."
+            )
+        self._check_registered_name()  # before any MLflow call: fail fast on a bad name
+        from mlflow import MlflowClient, get_tracking_uri
+
+        self._reset()
+        self._restored = {}
+        self.client_ = MlflowClient(self.tracking_uri or get_tracking_uri())
+        self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        run = self._open_run()
+        self.run_id_, self.experiment_id_ = run.info.run_id, run.info.experiment_id
+        self._run_params = dict(run.data.params)
+        self._experiment_name = self.client_.get_experiment(self.experiment_id_).name
+        if self.experiment_name not in (None, self._experiment_name):
+            warnings.warn(
+                f"Logging into run {self.run_id_} of experiment {self._experiment_name!r}; "
+                f"experiment_name={self.experiment_name!r} applies to new runs only.",
+                stacklevel=2,
+            )
+        if self._restored.get("run_id") == self.run_id_:
+            self._n_logged = int(self._restored.get("n_logged", 0))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self._log_params(fit_params(trainer, _net(pl_module), pl_module.hparams))
+        self._log_datasets(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._example_done or not trainer.is_global_zero:
+            return
+        self._example_done = True
+        example_input = getattr(pl_module, "example_input", _first_tensor)
+        try:
+            inputs = example_input(batch)
+        except LkflowError:
+            return  # a batch layout without one input tensor: no example, a pickled model
+        if isinstance(inputs, torch.Tensor):
+            self._example = inputs[:_EXAMPLE_ROWS].detach().clone()  # stays on the device
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._log_rows(pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._log_rows(pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self.run_id_ is None:
+            return
+        self._log_rows(pl_module)
+        self._log_outputs(trainer, pl_module)
+        self._end_run("FINISHED")
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not trainer.is_global_zero or self.run_id_ is None:
+            return
+        status = "FAILED" if isinstance(exception, Exception) else "KILLED"  # Ctrl-C, SIGTERM
+        with _carry_on("log the history and checkpoints of the failed fit"):
+            self._log_rows(pl_module)
+            self._log_checkpoints(trainer)
+        with _carry_on(f"end run {self.run_id_} {status}"):
+            self._end_run(status)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning took state_dict() before this hook; the module adds its history after it.
+        # Logging the rows now and saving the count again keeps both in step on resume.
+        if trainer.is_global_zero and self.run_id_ is not None:
+            self._log_rows(pl_module)
+            checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id_, "n_logged": self._n_logged}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+
+    # ---- the run -----------------------------------------------------------------------
+
+    def _open_run(self) -> Run:
+        """The run to log into: an existing one (reopened when it had ended) or a new one."""
+        run_id, source = self._existing_run_id()
+        if run_id is None:
+            return self._create_run()
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client_.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise LkflowError(
+                f"Received: {source}={run_id!r}, which is not a run at "
+                f"{hide_credentials(self.client_.tracking_uri)}. Pass a run id of that store, "
+                "or leave run_id unset for a new run."
+            ) from err
+        self._owns_run = run.info.status != "RUNNING"
+        if self._owns_run:  # resumed: open it again, and end it as this fit ends
+            self.client_.update_run(run_id, status="RUNNING")
+        self._set_tags(run_id, self._run_tags())
+        return run
+
+    def _existing_run_id(self) -> tuple[str | None, str]:
+        import mlflow
+
+        active = mlflow.active_run()
+        candidates = [
+            (self.run_id, "run_id"),
+            (active.info.run_id if active else None, "the active run"),
+            (os.environ.get("MLFLOW_RUN_ID"), "MLFLOW_RUN_ID"),
+            (self._restored.get("run_id"), "the checkpoint's run_id"),
+        ]
+        return next(((run_id, source) for run_id, source in candidates if run_id), (None, ""))
+
+    def _create_run(self) -> Run:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        tags = resolve_tags(self._run_tags())  # adds user, source and git commit like start_run
+        run = self.client_.create_run(self._experiment_id(), run_name=self.run_name, tags=tags)
+        self._owns_run = True
+        return run
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        name = self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        if name is None:
+            return os.environ.get("MLFLOW_EXPERIMENT_ID", "0")
+        experiment = self.client_.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self.client_.create_experiment(name)
+            except MlflowException as err:  # created meanwhile by a concurrent fit
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client_.get_experiment_by_name(name)
+        if experiment.lifecycle_stage == "deleted":
+            raise LkflowError(
+                f"Received: experiment_name={name!r}, an experiment that was deleted. Restore "
+                f"it (mlflow experiments restore --experiment-id {experiment.experiment_id}) "
+                "or pass another name."
+            )
+        return experiment.experiment_id
+
+    def _run_tags(self) -> dict[str, str]:
+        tags = {"lkflow.version": _lkflow_version()}
+        tags.update({key: hide_credentials(str(value)) for key, value in (self.tags or {}).items()})
+        return tags
+
+    def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client_.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def _end_run(self, status: str) -> None:
+        if self._owns_run:
+            self.client_.set_terminated(self.run_id_, status=status)
+            self._owns_run = False
+
+    # ---- params, data and metrics ------------------------------------------------------
+
+    def _log_params(self, params: Mapping[str, Any]) -> None:
+        """Params the run lacks, in batches; a different value already logged is an error."""
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        prepared = prepare_params(params, limit=MAX_PARAM_VAL_LENGTH)
+        logged = self._run_params
+        clashes = [k for k, v in prepared.items() if k in logged and not same_value(logged[k], v)]
+        if clashes:
+            values = "; ".join(f"{k}: {logged[k]!r} logged, {prepared[k]!r} now" for k in clashes)
+            raise LkflowError(
+                f"MLflow run {self.run_id_} already holds other values for {values}. MLflow "
+                "never changes a logged param. Fit with the logged values (as `mlflow run -P` "
+                "gave them), or log into a new run: no active run, MLFLOW_RUN_ID and run_id unset."
+            )
+        new = [Param(k, v) for k, v in prepared.items() if k not in logged]
+        for start in range(0, len(new), _PARAMS_PER_CALL):
+            self.client_.log_batch(self.run_id_, params=new[start : start + _PARAMS_PER_CALL])
+        self._run_params.update(prepared)
+
+    def _log_datasets(self, trainer: pl.Trainer) -> None:
+        from mlflow.entities import DatasetInput, InputTag
+
+        loaders = {"training": trainer.train_dataloader, "validation": trainer.val_dataloaders}
+        inputs = [
+            DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+            for context, loader in loaders.items()
+            if (dataset := _dataset_entity(getattr(loader, "dataset", None))) is not None
+        ]
+        if inputs:
+            self.client_.log_inputs(self.run_id_, datasets=inputs)
+
+    def _log_rows(self, pl_module: pl.LightningModule) -> None:
+        """History rows not logged yet: one batched call, each row at `step=epoch`."""
+        rows = pl_module.history[self._n_logged :]
+        if not rows:
+            return
+        keys = [key for row in rows for key in row if key != "epoch"]
+        if not set(keys) <= set(self._metric_names):
+            self._metric_names = sanitize_keys(dict.fromkeys([*self._metric_names, *keys]))
+        now = int(time.time() * 1000)
+        steps = [int(row.get("epoch", self._n_logged + i)) for i, row in enumerate(rows)]
+        values = [
+            (self._metric_names[key], float(value), now, step)
+            for step, row in zip(steps, rows, strict=True)
+            for key, value in row.items()
+            if key != "epoch"
+        ]
+        self._log_metrics(values)
+        self._logged_at.update(dict.fromkeys(steps, now))
+        self._n_logged += len(rows)
+
+    def _log_metrics(
+        self, values: Sequence[tuple[str, float, int, int]], model_id: str | None = None
+    ) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [
+            Metric(key, value, timestamp, step, model_id=model_id, run_id=self.run_id_)
+            for key, value, timestamp, step in values
+        ]
+        for start in range(0, len(metrics), _METRICS_PER_CALL):
+            self.client_.log_batch(self.run_id_, metrics=metrics[start : start + _METRICS_PER_CALL])
+
+    # ---- the end of the fit ------------------------------------------------------------
+
+    def _log_outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Artifacts, the bare net with the best weights as an MLflow model, best metrics."""
+        best = _best(trainer, pl_module.history)
+        net = _best_net(pl_module, best.state_dict)
+        example = None if self._example is None else self._example.cpu()
+        table = _summary_table(net, example)
+        with tempfile.TemporaryDirectory() as folder:
+            _write_artifacts(Path(folder), pl_module.history, net.state_dict(), table)
+            self.client_.log_artifacts(self.run_id_, folder)
+        self._log_checkpoints(trainer)
+        model_id = None
+        if self.log_model:
+            model_id = self._log_model(net, example, best.epoch)
+            self.model_uri_ = f"models:/{model_id}"
+            name = self._registered_name(pl_module)
+            if name is not None:
+                self.model_version_ = self._register(name, model_id, best, table)
+        self._log_best(best, pl_module.history, model_id)
+
+    def _log_best(
+        self, best: _Best, history: Sequence[Mapping[str, Any]], model_id: str | None
+    ) -> None:
+        """`best_<monitor>` and `best_epoch`; with a model, also the best epoch's row again,
+        linked to the model (same values and times: the run's histories gain no point)."""
+        values = []
+        if best.score is not None:
+            name = self._metric_names.get(best.monitor) or sanitize_key(best.monitor)
+            now = int(time.time() * 1000)
+            values += [
+                (f"best_{name}", best.score, now, best.epoch),
+                ("best_epoch", float(best.epoch), now, best.epoch),
+            ]
+        logged_at = self._logged_at.get(best.epoch)
+        rows = [row for row in history if row.get("epoch") == best.epoch]
+        if model_id is not None and logged_at is not None and rows:
+            values += [
+                (self._metric_names[key], float(value), logged_at, best.epoch)
+                for key, value in rows[-1].items()
+                if key != "epoch"
+            ]
+        self._log_metrics(values, model_id)
+
+    def _log_checkpoints(self, trainer: pl.Trainer) -> None:
+        checkpoint = trainer.checkpoint_callback
+        paths = {getattr(checkpoint, f"{which}_model_path", "") for which in ("best", "last")}
+        for path in sorted(p for p in paths if p and os.path.isfile(p)):
+            self.client_.log_artifact(self.run_id_, path, "checkpoints")
+
+    def _log_model(self, net: nn.Module, example: torch.Tensor | None, step: int) -> str:
+        """The net as an MLflow model linked to the run (a LoggedModel); returns its id."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        model = self.client_.create_logged_model(
+            self.experiment_id_,
+            name="model",
+            source_run_id=self.run_id_,
+            params=self._run_params,
+        )
+        mlflow_model = Model(
+            artifact_path=model.artifact_location,
+            model_uuid=model.model_id,
+            run_id=self.run_id_,
+            model_id=model.model_id,
+        )
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                _save_model(net, example, Path(folder) / "model", mlflow_model)
+                self.client_.log_model_artifacts(model.model_id, str(Path(folder) / "model"))
+        except BaseException:
+            self.client_.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client_.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.client_.log_outputs(self.run_id_, [LoggedModelOutput(model.model_id, step=step)])
+        return model.model_id
+
+    def _registered_name(self, pl_module: pl.LightningModule) -> str | None:
+        """The name to register under: as given, the experiment's, or the net's class name."""
+        if self.registered_model_name is False or not self.log_model:
+            return None
+        if self.registered_model_name is not None:
+            return self.registered_model_name
+        if self._experiment_name and self._experiment_name != _DEFAULT_EXPERIMENT:
+            return self._experiment_name.replace("/", "-").replace(":", "-")
+        return type(_net(pl_module)).__name__
+
+    def _check_registered_name(self) -> None:
+        name = self.registered_model_name
+        if name is None or name is False:
+            return
+        if not isinstance(name, str) or not name.strip() or "/" in name or ":" in name:
+            raise LkflowError(
+                f"Received: registered_model_name={name!r}. Expected a name that is not blank "
+                "and holds no '/' or ':', such as 'rings-net', or False not to register."
+            )
+
+    def _register(self, name: str, model_id: str, best: _Best, table: str) -> ModelVersion:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client_.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        tags = {"run_id": self.run_id_}
+        if best.score is not None:
+            tags.update(
+                monitor=best.monitor,
+                monitor_value=repr(best.score),
+                mode=best.mode,
+                best_epoch=str(best.epoch),
+            )
+        # A sqlite or file registry looks `models:/<id>` up with the global tracking URI
+        # (MLflow 3.17, sqlalchemy_store.create_model_version), so make it this client's.
+        with _global_tracking_uri(self.client_.tracking_uri):
+            return self.client_.create_model_version(
+                name,
+                source=f"models:/{model_id}",
+                run_id=self.run_id_,
+                tags=tags,
+                description=f"```\n{table}\n```" if table else None,
+                model_id=model_id,
+            )
+
+
+@dataclass(frozen=True)
+class _Best:
+    """The best epoch as the checkpoint callback saw it."""
+
+    monitor: str  # the monitored key; "" without a monitored checkpoint
+    mode: str  # "min" or "max": which way the monitored value is better
+    score: float | None  # its best value; None without one
+    epoch: int  # the epoch of the best checkpoint, else the last epoch
+    state_dict: dict[str, torch.Tensor] | None  # the module's weights then; None: current ones
+
+
+def _best(trainer: pl.Trainer, history: Sequence[Mapping[str, Any]]) -> _Best:
+    checkpoint = trainer.checkpoint_callback
+    path = getattr(checkpoint, "best_model_path", "")
+    if not path or not os.path.isfile(path):
+        last = int(history[-1].get("epoch", len(history) - 1)) if history else 0
+        return _Best("", "min", last, None)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    score = checkpoint.best_model_score
+    return _Best(
+        checkpoint.monitor or "",
+        getattr(checkpoint, "mode", "min"),
+        None if score is None else float(score),
+        int(saved.get("epoch", 0)),
+        saved["state_dict"],
+    )
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to `uri` for the block, then put back as it was.
+
+    MLflow's own `_use_tracking_uri` also unsets `MLFLOW_TRACKING_URI` on the way out when
+    the URI had come from it; the variable is kept here.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    variable = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if variable is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
+@contextlib.contextmanager
+def _carry_on(what: str) -> Iterator[None]:
+    """An MLflow failure while the fit is already failing becomes a warning: the fit's own
+    exception is the one that must reach the caller."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as err:
+        warnings.warn(f"Could not {what} in MLflow: {err}", stacklevel=3)
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def _net(pl_module: pl.LightningModule) -> nn.Module:
+    return getattr(pl_module, "net", pl_module)
+
+
+def _first_tensor(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+
+
+def _best_net(pl_module: pl.LightningModule, state_dict: dict | None) -> nn.Module:
+    """A CPU copy of the bare net in eval mode, with the best checkpoint's weights."""
+    net = copy.deepcopy(_net(pl_module)).cpu().eval()
+    if state_dict is not None:
+        prefix = "net." if hasattr(pl_module, "net") else ""
+        own = {key[len(prefix) :]: v for key, v in state_dict.items() if key.startswith(prefix)}
+        net.load_state_dict(own)
+    return net
+
+
+def _dataset_entity(dataset: Any) -> Any:
+    """An MLflow Dataset of a map-style dataset: its rows and a digest of a sample of them."""
+    from mlflow.entities import Dataset
+
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return None
+    rows = len(dataset)
+    digest = hashlib.sha256(f"{type(dataset).__name__}:{rows}".encode())
+    for index in sorted({i * rows // _DIGEST_ROWS for i in range(min(rows, _DIGEST_ROWS))}):
+        for item in _leaves(dataset[index]):
+            digest.update(item)
+    return Dataset(
+        name=type(dataset).__name__,
+        digest=digest.hexdigest()[:12],
+        source_type="code",
+        source=json.dumps({"tags": {}}),
+        profile=json.dumps({"num_rows": rows}),
+    )
+
+
+def _leaves(item: Any) -> Iterator[bytes]:
+    """Bytes of a dataset row's tensors, arrays and plain values, depth first."""
+    if isinstance(item, torch.Tensor):
+        yield item.detach().cpu().contiguous().numpy().tobytes()
+    elif isinstance(item, Mapping):
+        for key in sorted(item, key=str):
+            yield str(key).encode()
+            yield from _leaves(item[key])
+    elif isinstance(item, (tuple, list)):
+        for value in item:
+            yield from _leaves(value)
+    elif hasattr(item, "tobytes"):
+        yield item.tobytes()
+    else:
+        yield repr(item).encode()
+
+
+def _summary_table(net: nn.Module, example: torch.Tensor | None) -> str:
+    """The layer table of the net on the example's shape, or "" without an example."""
+    if example is None or example.ndim < 1:
+        return ""
+    from lkflow.summary_table import summary
+
+    shape = tuple(example.shape[1:])
+    return str(summary(net, input_shape=shape, dtype=example.dtype, print_fn=None))
+
+
+def _write_artifacts(
+    folder: Path, history: Sequence[Mapping[str, Any]], state_dict: Mapping[str, Any], table: str
+) -> None:
+    """net/state_dict.pt, history.csv, curves.png and summary.txt, in `folder`."""
+    (folder / "net").mkdir()
+    torch.save(dict(state_dict), folder / "net" / "state_dict.pt")
+    if history:
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        with open(folder / "history.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+        from lkflow.plots import plot_history
+
+        plot_history(list(history)).savefig(folder / "curves.png", dpi=100)
+    if table:
+        (folder / "summary.txt").write_text(table + "\n")
+
+
+def _save_model(
+    net: nn.Module, example: torch.Tensor | None, path: Path, mlflow_model: Any
+) -> None:
+    """The net saved as an MLflow model: torch.export (pt2), or a pickle where export fails."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    example_array = None if example is None else example.numpy()
+    options = {
+        "mlflow_model": mlflow_model,
+        "input_example": example_array,
+        "pip_requirements": _requirements(),
+    }
+    if example_array is not None:
+        try:
+            mlflow.pytorch.save_model(net, path, serialization_format="pt2", **options)
+            _load_on_cpu(path)
+            return
+        except (RuntimeError, MlflowException) as err:  # torch.export could not trace the net
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        reason = "the first batch has no input tensor to export with"
+    warnings.warn(
+        f"torch.export could not export {type(net).__name__} ({reason}). The MLflow model is "
+        "a pickle fallback with the net's code; loading it needs "
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true and trust in its source.",
+        stacklevel=2,
+    )
+    mlflow.pytorch.save_model(
+        net, path, serialization_format="pickle", code_paths=_code_paths(net), **options
+    )
+
+
+def _load_on_cpu(path: Path) -> None:
+    """A pt2 archive keeps the CPU weights it was exported with, and MLflow 3.17 loads a pyfunc
+    on CUDA wherever there is one, where these weights fail: the pyfunc flavor asks for CPU."""
+    from mlflow.models import Model
+
+    model = Model.load(path)
+    model.flavors["python_function"]["model_config"] = {"device": "cpu"}
+    model.save(path / "MLmodel")
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements from the installed versions, without local labels like +cpu."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    names = ("mlflow", "torch", "cloudpickle")
+    return [f"{name}=={Version(version(name)).public}" for name in names]
+
+
+def _code_paths(net: nn.Module) -> list[str]:
+    """The file or top-level package that defines the net's class, unless it is installed."""
+    top = type(net).__module__.split(".")[0]
+    module = sys.modules.get(top)
+    file = getattr(module, "__file__", None)
+    if top == "__main__" or file is None:
+        return []
+    installed = {sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib")}
+    if any(Path(file).resolve().is_relative_to(Path(p).resolve()) for p in installed):
+        return []
+    return [str(Path(file).parent if Path(file).name == "__init__.py" else Path(file))]
+
+
+def _lkflow_version() -> str:
+    from lkflow import __version__
+
+    return __version__
