@@ -1,0 +1,267 @@
+"""The `lkflow` command: train, runs, compare and serve on a real store; every user error."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+from lkflow import LkflowError
+from lkflow.cli import _best_version, _sorted, main
+
+ROOT = Path(__file__).resolve().parents[1]
+RINGS = f"{ROOT}/examples/rings.py:task"
+BIN = Path(sys.executable).parent
+HEAVY = ("torch", "pytorch_lightning", "mlflow", "pandas", "matplotlib")
+
+
+def _invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _one_error_line(result: Result) -> str:
+    """The only output line of a failed command, which starts with 'Error: '."""
+    assert result.exit_code != 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Two tracked runs of the rings task (lr 0.01 and 0.03), registered as rings-cli."""
+    folder = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+            patch.delenv(name, raising=False)
+        for run, lr in (("run-a", "0.01"), ("run-b", "0.03")):
+            result = _invoke(
+                "train", RINGS, "--epochs", "2", "--gpus", "0", "--lr", lr, "--seed", "1",
+                "--run-name", run, "--experiment-name", "cli", "--tracking-uri", uri,
+                "--registered-model-name", "rings-cli", "--param", f"note={run}",
+            )  # fmt: skip
+            assert result.exit_code == 0, result.output
+            assert "Epoch 2/2" in result.output and "MLflow run " in result.output
+    yield uri
+
+
+# ---- start-up -----------------------------------------------------------------------------
+
+
+def test_the_command_imports_nothing_heavy_and_answers_help_at_once() -> None:
+    code = "import sys, lkflow.cli; print([m for m in sys.argv[1:] if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code, *HEAVY], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "[]", loaded.stderr
+    command = (
+        [str(BIN / "lkflow")] if (BIN / "lkflow").exists() else [sys.executable, "-m", "lkflow"]
+    )
+    start = time.perf_counter()
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - start
+    assert all(name in done.stdout for name in ("train", "runs", "compare", "serve"))
+    assert elapsed < 2.0  # about 0.05 s on an idle machine; the bound leaves room for load
+
+
+# ---- runs and compare ---------------------------------------------------------------------
+
+
+def test_runs_lists_the_runs_with_params_and_best_metric(store: str) -> None:
+    result = _invoke("runs", "cli", "--tracking-uri", store)
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.strip().splitlines()
+    assert header.split() == [
+        "run", "id", "status", "start", "duration", "task", "epochs", "batch_size", "lr",
+        "seed", "task.note", "monitor", "best",
+    ]  # fmt: skip
+    assert [row.split()[0] for row in rows] == ["run-b", "run-a"]  # newest first
+    assert all("FINISHED" in row and "val_loss" in row for row in rows)
+
+
+def test_runs_as_csv_sorted_by_best_or_by_a_param(store: str) -> None:
+    def table(*args: str) -> list[dict[str, str]]:
+        result = _invoke("runs", "--csv", "--tracking-uri", store, *args)
+        assert result.exit_code == 0, result.output
+        return list(csv.DictReader(io.StringIO(result.output)))
+
+    best_first = table("--sort", "best")
+    assert [float(r["best"]) for r in best_first] == sorted(float(r["best"]) for r in best_first)
+    assert [r["lr"] for r in table("--sort=-lr")] == ["0.03", "0.01"]
+    assert [r["run"] for r in table("--max", "1")] == ["run-b"]
+    assert float(best_first[0]["duration"]) > 0 and best_first[0]["epochs"] == "2"
+
+
+def test_sorting_reads_numeric_params_as_numbers_and_flips_with_a_minus() -> None:
+    table = pd.DataFrame({"run": ["a", "b", "c"], "epochs": ["10", "2", None]})
+    assert list(_sorted(table, "epochs")["run"]) == ["b", "a", "c"]
+    assert list(_sorted(table, "-epochs")["run"]) == ["a", "b", "c"]
+    assert list(_sorted(table, "-run")["run"]) == ["c", "b", "a"]
+
+
+def test_compare_writes_the_figure_and_marks_differing_params(store: str, tmp_path: Path) -> None:
+    out = tmp_path / "figures" / "cmp.png"
+    result = _invoke(
+        "compare", "run-a", "run-b", "--metric", "val_acc", "--out", str(out),
+        "--tracking-uri", store,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["param", "run-a", "run-b"]
+    assert re.search(r"^\* optimizer\.lr\s+0\.01\s+0\.03", result.output, re.MULTILINE)
+    assert re.search(r"^\* task\.note\s+run-a\s+run-b", result.output, re.MULTILINE)
+    assert re.search(r"^  epochs\s+2\s+2", result.output, re.MULTILINE)
+
+
+def test_compare_finds_a_run_by_id_prefix(store: str) -> None:
+    run = MlflowClient(store).search_runs(["1"], "attributes.run_name = 'run-a'")[0]
+    result = _invoke("compare", run.info.run_id[:8], "--tracking-uri", store)
+    assert result.exit_code == 0, result.output
+    assert "Wrote val_loss curves of 1 runs to compare.png" in result.output
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "nowhere.py:task"], "target file 'nowhere.py', which does not exist"),
+        (["train", "tasks.py:task"], r"tasks.py:task returned int. Expected lkflow.tasks.Task"),
+        (["train", "tasks.py:tsk"], "tasks.py has no 'tsk'. Its functions and classes: task"),
+        (["train", RINGS, "--epochs", "abc"], "Invalid value for '--epochs': 'abc' is not a valid"),
+        (["train", RINGS, "--param", "oops"], "Received: --param 'oops'. Expected key=value"),
+        (["runs", "nope"], "experiment 'nope', which is not at sqlite:"),
+        (["runs", "--sort", "nope"], "--sort 'nope'. Expected a column: run, id, status"),
+        (["compare", "nope"], "run 'nope', which is no run name or id at sqlite:"),
+        (["compare", "run-a", "--metric", "f1"], "'f1', which run run-a did not log. Its metrics"),
+        (["serve", "nope"], "model 'nope', which is not registered at .* Registered .*rings-cli"),
+        (["serve", "rings-cli/9"], "rings-cli has no such version or alias .* versions: 1, 2;"),
+        (["serve", "rings-cli@best"], "rings-cli has no such version or alias"),
+        (["serve", "a/b/c"], "Expected NAME, NAME/VERSION or NAME@ALIAS"),
+        (["trian"], "No such command 'trian'. Did you mean 'train'?"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_non_zero(
+    store: str, tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "tasks.py").write_text("def task(options):\n    return 3\n")
+    result = _invoke(*args, *(["--tracking-uri", store] if args[0] != "trian" else []))
+    assert re.search(message, _one_error_line(result))
+
+
+def test_a_missing_store_is_named_and_not_created(tmp_path: Path) -> None:
+    result = _invoke("runs", "--tracking-uri", f"sqlite:///{tmp_path}/none.db")
+    assert f"{tmp_path}/none.db does not exist" in _one_error_line(result)
+    assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize("command", ["runs", "train", "serve"])
+def test_an_unreachable_server_is_one_line_with_credentials_hidden(command: str) -> None:
+    uri = f"http://alice:s3cret@127.0.0.1:{_free_port()}"
+    args = {"runs": [], "train": [RINGS], "serve": ["rings-cli"]}[command]
+    line = _one_error_line(_invoke(command, *args, "--tracking-uri", uri))
+    assert "Cannot reach the MLflow tracking server at http://***@127.0.0.1:" in line
+    assert "s3cret" not in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpus_without_cuda_is_one_line(tracking_uri: str) -> None:
+    line = _one_error_line(_invoke("train", RINGS, "--gpus", "1", "--epochs", "1"))
+    assert "gpus='1', but CUDA is not available" in line and "gpus=0" in line
+
+
+def test_debug_shows_the_traceback(store: str) -> None:
+    result = _invoke("--debug", "runs", "nope", "--tracking-uri", store)
+    assert isinstance(result.exception, LkflowError)
+
+
+# ---- serve --------------------------------------------------------------------------------
+
+
+def _version(number: int, **tags: str) -> ModelVersion:
+    version_tags = [ModelVersionTag(key, value) for key, value in tags.items()]
+    return ModelVersion("net", number, creation_timestamp=number, tags=version_tags)
+
+
+def test_best_version_follows_the_metric_mode() -> None:
+    losses = [_version(1, monitor="val_loss", monitor_value="0.3"), _version(2)]
+    losses.append(_version(3, monitor="val_loss", monitor_value="0.2"))
+    assert _best_version(losses)[0].version == 3
+    accs = [_version(n, monitor="val_acc", monitor_value=v) for n, v in ((1, ".9"), (2, ".8"))]
+    assert _best_version(accs)[0].version == 1
+    recorded = [
+        _version(n, monitor="score", monitor_value=v, mode="max") for n, v in ((1, "1"), (2, "2"))
+    ]
+    assert _best_version(recorded)[0].version == 2
+    assert _best_version([_version(1), _version(2)]) == (
+        _version(2),
+        "the newest version: no recorded metric",
+    )
+
+
+@pytest.mark.slow
+def test_serve_answers_the_example_request_with_the_best_version(
+    store: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(store)
+    runs = client.search_runs(["1"], order_by=["metrics.best_val_loss ASC"])
+    port, log = _free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # the command puts its own bin dir first
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [str(BIN / "lkflow"), "serve", "rings-cli", "--port", str(port), "--tracking-uri", store],
+            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", server, log)
+        printed = log.read_text()
+        assert f"run {runs[0].info.run_id}) at http://127.0.0.1:{port}/invocations" in printed
+        payload = re.search(r"-d '(.+)'", printed).group(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=payload.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = json.load(response)["predictions"]
+        assert len(predictions) == 1 and 0.0 <= predictions[0][0] <= 1.0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout_s} s:\n{log.read_text()}")

@@ -1,0 +1,144 @@
+"""The MLflow project: its files agree with pyproject.toml; `mlflow run` trains, tracks, fails well."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENTRY_PARAMS = {
+    "epochs": "int",
+    "gpus": "string",
+    "lr": "float",
+    "batch_size": "int",
+    "seed": "int",
+    "registered_model_name": "string",
+}
+
+
+def _yaml(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def test_conda_env_names_the_dependencies_of_pyproject() -> None:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+")
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = _yaml("conda.yaml")["dependencies"]
+    pip = next(item["pip"] for item in conda if isinstance(item, dict))
+    assert pip == dependencies
+    assert "python=3.11" in conda and "pip" in conda
+
+
+def test_entry_points_take_typed_params_and_run_the_checkouts_examples() -> None:
+    project = _yaml("MLproject")
+    assert project["name"] == "lkflow" and project["conda_env"] == "conda.yaml"
+    main = project["entry_points"]["main"]["parameters"]
+    assert {key: spec["type"] for key, spec in main.items()} == ENTRY_PARAMS
+    defaults = {key: spec["default"] for key, spec in main.items()}
+    assert defaults == {
+        "epochs": 10,
+        "gpus": "0",
+        "lr": 0.01,
+        "batch_size": 100,
+        "seed": 123,
+        "registered_model_name": "rings-net",
+    }
+    for name, example in (("main", "rings"), ("digits", "digits")):
+        entry = project["entry_points"][name]
+        command = " ".join(entry["command"].split())
+        assert command.startswith(f"python -m lkflow train examples/{example}.py:task --epochs")
+        assert set(re.findall(r"{(\w+)}", command)) == set(entry["parameters"]) == set(ENTRY_PARAMS)
+        assert (ROOT / "examples" / f"{example}.py").is_file()
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """The project's files, copied, so runs write their checkpoints outside the repository."""
+    copy = tmp_path / "checkout"
+    for name in ("MLproject", "conda.yaml", "pyproject.toml"):
+        shutil.copy(ROOT / name, copy / name if copy.exists() else _mkdir(copy) / name)
+    for folder in ("lkflow", "examples"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def _mlflow_run(checkout: Path, tracking_uri: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])  # `python` of this venv
+    command = [str(BIN / "mlflow"), "run", str(checkout), "--env-manager", "local", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_logs_into_one_run_and_registers_the_net(
+    checkout: Path, tracking_uri: str
+) -> None:
+    done = _mlflow_run(checkout, tracking_uri, "-P", "epochs=2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs(["0"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    expected = {"epochs": "2", "gpus": "0", "lr": "0.01", "batch_size": "100", "seed": "123"}
+    assert {key: params[key] for key in expected} == expected
+    assert params["registered_model_name"] == "rings-net"
+    assert params["task"] == "examples/rings.py:task" and params["optimizer.lr"] == "0.01"
+    for metric in ("loss", "acc", "val_loss", "val_acc"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [point.step for point in history] == [0, 1]
+    (version,) = client.search_model_versions("name = 'rings-net'")
+    assert version.run_id == run.info.run_id and version.tags["monitor"] == "val_loss"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == [
+        "report/predictions.png"
+    ]
+
+
+@pytest.mark.slow
+def test_mlflow_run_digits_passes_95_percent_validation_accuracy(
+    checkout: Path, tracking_uri: str
+) -> None:
+    done = _mlflow_run(checkout, tracking_uri, "-e", "digits", "-P", "epochs=6")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = MlflowClient(tracking_uri).search_runs(["0"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["best_val_acc"] > 0.95
+    assert run.data.params["task"] == "examples/digits.py:task"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        ("gpus=1", "Error: Received: gpus='1', but CUDA is not available on this machine"),
+        ("epochs=abc", "Error: Invalid value for '--epochs': 'abc' is not a valid integer."),
+    ],
+)
+def test_mlflow_run_with_a_bad_param_fails_with_one_clear_line(
+    checkout: Path, tracking_uri: str, param: str, message: str
+) -> None:
+    if param.startswith("gpus") and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    done = _mlflow_run(checkout, tracking_uri, "-P", param)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert [line for line in output.splitlines() if line.startswith("Error: ")] == [
+        next(line for line in output.splitlines() if line.startswith(message))
+    ]
+    assert "Traceback" not in output
+    (run,) = MlflowClient(tracking_uri).search_runs(["0"])
+    assert run.info.status == "FAILED"
