@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import torch
 import torchmetrics
-from conftest import Net
+from conftest import Net, fresh_store
+from servers import mlflow_server
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -92,7 +93,7 @@ torch.save(result, out / f"rank{{rank}}.pt")
 torch.distributed.barrier()  # every file is written before the first process exits
 """
 
-# One tracked fit with 2 processes into a sqlite store in the output folder.
+# One tracked fit with 2 processes, to the tracking server that MLFLOW_TRACKING_URI names.
 TRACKED_SCRIPT = f"""
 import sys
 from pathlib import Path
@@ -121,8 +122,7 @@ model.fit(
     verbose=0,
     experiment_name="ddp",
     registered_model_name="ddp-net",
-    tracking_uri=f"sqlite:///{{out / 'mlflow.db'}}",
-)
+)  # logs to MLFLOW_TRACKING_URI: a shared `mlflow server` over HTTP
 """
 
 # A session that Lightning takes for an interactive one (it checks `sys.ps1`), as in a notebook.
@@ -195,10 +195,11 @@ class _Launch:
         return self.out
 
 
-def _launch(out: Path, name: str, script: str, command: list[str]) -> _Launch:
+def _launch(out: Path, name: str, script: str, command: list[str], **extra_env: str) -> _Launch:
     (out / name).write_text(script)
     env = {
         **os.environ,
+        **extra_env,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
         "OMP_NUM_THREADS": "1",
     }
@@ -217,7 +218,19 @@ def _launch(out: Path, name: str, script: str, command: list[str]) -> _Launch:
 
 
 @pytest.fixture(scope="module")
-def launches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Launch]]:
+def tracking_server(
+    tmp_path_factory: pytest.TempPathFactory, migrated_store: Path
+) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by it)."""
+    folder = tmp_path_factory.mktemp("server")
+    with mlflow_server(fresh_store(folder, migrated_store), folder / "artifacts", folder) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def launches(
+    tmp_path_factory: pytest.TempPathFactory, tracking_server: str
+) -> Iterator[dict[str, _Launch]]:
     """Starts every script at once, so that the processes import torch side by side."""
     python = [sys.executable]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -235,7 +248,11 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _La
             tmp_path_factory.mktemp("notebook"), "notebook.py", NOTEBOOK_SCRIPT, python
         ),
         "tracked": _launch(
-            tmp_path_factory.mktemp("tracked"), "tracked.py", TRACKED_SCRIPT, python
+            tmp_path_factory.mktemp("tracked"),
+            "tracked.py",
+            TRACKED_SCRIPT,
+            python,
+            MLFLOW_TRACKING_URI=tracking_server,
         ),
     }
     yield started
@@ -268,9 +285,10 @@ def notebook_run(launches: dict[str, _Launch]) -> tuple[dict[str, Any], str]:
 
 
 @pytest.fixture(scope="module")
-def tracked_store(launches: dict[str, _Launch]) -> str:
-    """The tracking URI that the tracked 2-process fit logged to."""
-    return f"sqlite:///{launches['tracked'].wait() / 'mlflow.db'}"
+def tracked_store(launches: dict[str, _Launch], tracking_server: str) -> str:
+    """The tracking server that the tracked 2-process fit logged to, once it has finished."""
+    launches["tracked"].wait()
+    return tracking_server
 
 
 def _single_process(state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -400,7 +418,7 @@ def test_ddp_notebook_returns_the_history(notebook_run):
     assert [row["epoch"] for row in main["history"]] == [0, 1]
 
 
-def test_a_tracked_fit_makes_one_run_with_each_epoch_logged_once(tracked_store):
+def test_a_tracked_fit_over_http_makes_one_run_with_each_epoch_logged_once(tracked_store, launches):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracked_store)
@@ -412,3 +430,6 @@ def test_a_tracked_fit_makes_one_run_with_each_epoch_logged_once(tracked_store):
         assert steps == list(range(TRACKED_EPOCHS)), key
     (version,) = client.search_model_versions("name = 'ddp-net'")
     assert version.run_id == run.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "net", "history.csv"} <= artifacts  # uploaded through the server
+    assert not (launches["tracked"].out / "mlruns").exists()

@@ -1,0 +1,93 @@
+"""Servers that tests start on 127.0.0.1: `mlflow server` and the scoring servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+BIN = Path(sys.executable).parent  # the venv's bin: mlflow, uvicorn, lkflow
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bin_path_env() -> dict[str, str]:
+    """This environment with the venv's bin first on PATH (`mlflow models serve` runs uvicorn)."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+class Server:
+    """A command started in its own process group and awaited on `ready_url`; stopped on exit.
+
+    Example:
+        >>> with Server(["mlflow", "server", ...], tmp_path, url + "/health") as base_url:
+        ...     MlflowClient(base_url)
+    """
+
+    def __init__(
+        self, command: list[str], cwd: Path, ready_url: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.command, self.cwd, self.ready_url = command, cwd, ready_url
+        self.env = env or bin_path_env()
+        self.log_path = cwd / f"{Path(command[0]).name}-{ready_url.rsplit(':', 1)[-1][:5]}.log"
+
+    def __enter__(self) -> str:
+        self.log = open(self.log_path, "w")  # closed in __exit__
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=2):
+                    return self.ready_url.rsplit("/", 1)[0]
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"{self.command[:3]} did not start:\n{self.output()[-3000:]}")
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after 20 s."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+def mlflow_server(backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None) -> Server:
+    """`mlflow server` over `backend_uri`, serving artifacts from `artifacts`, on 127.0.0.1."""
+    port = port or free_port()
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri]
+    command += ["--artifacts-destination", str(artifacts), "-h", "127.0.0.1", "-p", str(port)]
+    return Server([*command, "-w", "1"], cwd, f"http://127.0.0.1:{port}/health")
