@@ -14,11 +14,13 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from torch import nn
 from typing_extensions import override
 
@@ -401,8 +403,26 @@ class LightModel(pl.LightningModule):
             _fit_passing_interrupts(trainer, self, train_data, val_data, ckpt_path=ckpt_path)
         if tracker is not None:
             self.run_id = tracker.run_id_
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            self._take_back_from_workers(checkpoint, tracker)
         self._restore_best(checkpoint.best_model_path)
         return self.history_frame()
+
+    def _take_back_from_workers(
+        self, checkpoint: ModelCheckpoint, tracker: Callback | None
+    ) -> None:
+        """The history and run id that forked or spawned processes (`ddp_notebook`) kept.
+
+        Lightning sends only the weights and the best checkpoint's path back to this process;
+        the newest last checkpoint holds the rest.
+        """
+        lasts = sorted(Path(checkpoint.dirpath).glob("last*.ckpt"), key=os.path.getmtime)
+        if not lasts:
+            return
+        saved = torch.load(lasts[-1], map_location="cpu", weights_only=True)
+        self.history = [dict(row) for row in saved.get("lkflow_history", [])]
+        if tracker is not None:
+            self.run_id = saved.get("callbacks", {}).get(tracker.state_key, {}).get("run_id")
 
     def _restore_best(self, best_model_path: str) -> None:
         if best_model_path:

@@ -408,11 +408,6 @@ def test_ddp_notebook_trains_and_restores_the_best_weights(notebook_run):
     assert main["evaluated"]["acc"] == pytest.approx(single["acc"], rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ddp_notebook trains in forked processes; only the weights, the best checkpoint's "
-    "path and callback_metrics come back to the notebook, so the history stays there",
-)
 def test_ddp_notebook_returns_the_history(notebook_run):
     main, _ = notebook_run
     assert [row["epoch"] for row in main["history"]] == [0, 1]
