@@ -98,7 +98,7 @@ def each_row_once(
 ) -> DataLoader:
     """`loader` with an `EachRowOnce` sampler where Lightning would add a padding one."""
     processes = (trainer.distributed_sampler_kwargs or {}).get("num_replicas", 1)
-    plain = type(loader.sampler) in (SequentialSampler, RandomSampler)
+    plain = type(getattr(loader, "sampler", None)) in (SequentialSampler, RandomSampler)
     if processes == 1 or not plain or not trainer_kwargs.get("use_distributed_sampler", True):
         return loader
     if len(loader.dataset) < processes:

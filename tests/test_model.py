@@ -386,3 +386,21 @@ def test_summary_is_the_function_even_after_its_module_was_imported():
     import lkflow.summary_table
 
     assert callable(lkflow.summary) and lkflow.summary.__name__ == "summary"
+
+
+class _Batches:
+    """Batches made beforehand (a plain list would be read by Lightning as several loaders)."""
+
+    def __init__(self, loader):
+        self.batches = list(loader)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def test_any_iterable_of_batches_trains(loaders):
+    history = fit_quietly(keras_model(), *map(_Batches, loaders), epochs=2)
+    assert len(history) == 2 and history["val_loss"].notna().all()
