@@ -15,13 +15,14 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
+
+from lkflow.datasets import rings
 
 SEED = 0
 
@@ -73,16 +74,8 @@ def _loaders(
 
 
 def _rings() -> Workload:
-    """The article's rings x10: positives at r=5+N(0,1), negatives at r=8+N(0,1)."""
-    n = 20_000
-
-    def ring(radius: float) -> torch.Tensor:
-        r = radius + torch.normal(0.0, 1.0, size=(n, 1))
-        theta = 2 * math.pi * torch.rand(n, 1)
-        return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)
-
-    x = torch.cat([ring(5.0), ring(8.0)])
-    y = torch.cat([torch.ones(n, 1), torch.zeros(n, 1)])
+    """The article's rings x10: 40 000 points, positives at r=5+N(0,1), negatives at r=8+N(0,1)."""
+    x, y = rings(40_000, seed=SEED).tensors
     dl_train, dl_valid = _loaders(x, y, batch_size=100, valid_batch_size=100)
     net = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 1))
     return Workload("rings", net, dl_train, dl_valid, nn.BCEWithLogitsLoss(), 1e-2, 10)
