@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,6 +96,11 @@ def check_fit_args(
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Fails unless a file can be created in `folder` (made if missing).
+
+    A file is created and removed rather than asking `os.access`, which answers "writable" to
+    root for a read-only folder, and to anyone on a file system that refuses new files.
+    """
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
@@ -102,8 +108,37 @@ def check_writable(folder: str | os.PathLike[str]) -> None:
             f"Received: ckpt_dir={os.fspath(folder)!r}, which cannot be created ({err.strerror}). "
             "Pass a folder you can write to."
         ) from err
-    if not os.access(folder, os.W_OK):
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lkflow-write-check-"):
+            pass
+    except OSError as err:
         raise LkflowError(
-            f"Received: ckpt_dir={os.fspath(folder)!r}, which is not writable. "
+            f"Received: ckpt_dir={os.fspath(folder)!r}, which is not writable ({err.strerror}). "
             "Pass a folder you can write to."
+        ) from err
+
+
+def check_registered_model_name(name: Any) -> None:
+    """Fails on a registered model name that MLflow would refuse only after training.
+
+    MLflow refuses blank names, names with `/` or `:`, and names that read as a relative path
+    (`.`, `..`, `..net`); the fit would fail at its end, when it registers the net.
+
+    Args:
+        name: The `registered_model_name` given; None and False pass.
+
+    Raises:
+        LkflowError: Naming the name, the rules and an example.
+
+    Example:
+        >>> check_registered_model_name("rings-net")
+    """
+    if name is None or name is False:
+        return
+    valid = isinstance(name, str) and name.strip() and "/" not in name and ":" not in name
+    if not valid or name == "." or name.startswith(".."):
+        raise LkflowError(
+            f"Received: registered_model_name={name!r}. Expected a name that is not blank, "
+            "holds no '/' or ':', is not '.' and does not start with '..', such as "
+            "'rings-net', or False not to register."
         )

@@ -4,6 +4,7 @@
     lkflow runs --sort best
     lkflow compare RUN RUN --metric val_loss --out compare.png
     lkflow serve rings-net --port 5001
+    lkflow sync
 
 A mistake a user can fix (a bad option, an unknown target, run, experiment or model, an
 unreachable tracking server) prints one line and exits non-zero; `lkflow --debug ...` shows
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 import click
 
 from lkflow.errors import LkflowError
+from lkflow.outbox import DEFAULT_DIR
+from lkflow.store import check_reachable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
 
-_CONNECT_TIMEOUT_S = 3.0
 # Params shown by `lkflow runs`, as logged by lkflow (MLflowCallback, `lkflow train`) -> column.
 _KEY_PARAMS = {
     "task": "task",
@@ -131,7 +132,7 @@ def train(
     from lkflow.tasks import TaskOptions, parse_params, run_task
 
     tracking_uri = tracking_uri or get_tracking_uri()
-    _check_reachable(tracking_uri)
+    check_reachable(tracking_uri)
     options = TaskOptions(lr=lr, batch_size=batch_size, seed=seed, params=parse_params(params))
     task = run_task(
         target,
@@ -149,31 +150,12 @@ def train(
 # ---- tracking store -----------------------------------------------------------------------
 
 
-def _check_reachable(uri: str) -> None:
-    """Fails fast, in one line, when an http(s) tracking server does not answer."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=_CONNECT_TIMEOUT_S).close()
-    except OSError as err:
-        from lkflow.params import hide_credentials
-
-        reason = err.strerror or type(err).__name__
-        raise LkflowError(
-            f"Cannot reach the MLflow tracking server at {hide_credentials(uri)} ({reason}). "
-            "Start it (mlflow server --host 127.0.0.1 --port 5000), or pass --tracking-uri "
-            "or set MLFLOW_TRACKING_URI to a reachable store."
-        ) from err
-
-
 def _client(tracking_uri: str | None) -> MlflowClient:
     """A client of an existing store: reachable server, or sqlite file that is there."""
     from mlflow import MlflowClient, get_tracking_uri
 
     uri = tracking_uri or get_tracking_uri()
-    _check_reachable(uri)
+    check_reachable(uri)
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite" and parsed.path not in ("", "/", "/:memory:"):
         path = Path(parsed.path[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
@@ -565,3 +547,40 @@ def _rounded(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 4)
     return [_rounded(item) for item in value] if isinstance(value, list) else value
+
+
+# ---- sync ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--tracking-uri",
+    help="Deliver there. Default: the tracking URI each fit logged to (MLFLOW_TRACKING_URI "
+    "gives it when it had credentials).",
+)
+@click.option(
+    "--outbox",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(DEFAULT_DIR),
+    show_default=True,
+    help="The folder a fit kept its undelivered writes in.",
+)
+def sync(tracking_uri: str | None, outbox: Path) -> None:
+    """Deliver what fits kept while the tracking server was away, into their runs.
+
+    \b
+    lkflow sync
+    lkflow sync --tracking-uri http://127.0.0.1:5000
+
+    Each run gets its params, metrics, artifacts, model and registered version, and ends
+    with the status its fit ended with. Delivered writes leave the outbox, so running it
+    again delivers nothing twice. One line per run says what went in.
+    """
+    from lkflow.outbox import run_folders, sync_run
+
+    folders = run_folders(outbox)
+    if not folders:
+        click.echo(f"Nothing to deliver: no run kept in {outbox.resolve()}.")
+        return
+    for folder in folders:
+        click.echo(sync_run(folder, tracking_uri))

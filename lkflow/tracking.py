@@ -16,7 +16,16 @@ What one fit logs, all through `MlflowClient` calls naming the run, from rank ze
 
 A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
-the run and ends it FINISHED, FAILED on an exception, or KILLED on Ctrl-C.
+the run and ends it FINISHED, FAILED on an exception, or KILLED on Ctrl-C. An exception also
+leaves its type and message in the tag `lkflow.error` and its traceback's last lines in
+`traceback.txt`; the exception itself reaches the caller unchanged.
+
+A tracking server that does not answer when the fit starts stops it before training. One that
+goes away during the fit does not: the write that failed and every later write of the run go,
+in order, to `mlruns-outbox/<run_id>/` in the working folder (`outbox_dir=`), with one
+warning, and `lkflow sync` delivers them into the run once the server is back (see
+lkflow/outbox.py for the layout). Every write goes through `_send`: while the server answers
+it is one MLflow call as before, retried for seconds rather than MLflow's minutes.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +53,9 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lkflow.checks import check_registered_model_name
 from lkflow.errors import LkflowError
+from lkflow.outbox import DEFAULT_DIR, Entry, Outbox, State, deliver
 from lkflow.params import (
     fit_params,
     hide_credentials,
@@ -51,16 +63,25 @@ from lkflow.params import (
     same_value,
     sanitize_key,
     sanitize_keys,
+    truncate,
+)
+from lkflow.store import (
+    bounded_http_retries,
+    check_reachable,
+    check_tracking_uri,
+    is_unreachable,
+    tracking_client,
 )
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from mlflow import MlflowClient
     from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
 
 _DEFAULT_EXPERIMENT = "Default"
-_PARAMS_PER_CALL = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
-_METRICS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
+_TRACEBACK_LINES = 40  # the last lines of a failed fit's traceback kept in traceback.txt
+_ERROR_TAG_LENGTH = 500  # the longest `lkflow.error` tag
 _EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input example
 _DIGEST_ROWS = 16  # rows hashed for a dataset's digest
 
@@ -84,6 +105,11 @@ class MLflowCallback(pl.Callback):
             else the run of the checkpoint being resumed, else a new run.
         log_model: Log (and register) the net as an MLflow model. Defaults to True.
         tags: Tags set on the run. Defaults to None.
+        params: More params logged with the fit's own, such as a task's settings; checked
+            against the run's like them. Defaults to None.
+        outbox_dir: Where the writes that a tracking server gone away during the fit could
+            not take are kept, for `lkflow sync`, relative to the working folder at fit
+            start. Defaults to "mlruns-outbox".
 
     Example:
         >>> tracker = MLflowCallback(experiment_name="rings", registered_model_name="rings-net")
@@ -102,6 +128,8 @@ class MLflowCallback(pl.Callback):
         run_id: str | None = None,
         log_model: bool = True,
         tags: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        outbox_dir: str | os.PathLike[str] = DEFAULT_DIR,
     ) -> None:
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -110,6 +138,8 @@ class MLflowCallback(pl.Callback):
         self.run_id = run_id
         self.log_model = log_model
         self.tags = tags
+        self.params = params
+        self.outbox_dir = outbox_dir
         self.client_: MlflowClient | None = None
         self.run_id_: str | None = None
         self.experiment_id_: str | None = None
@@ -121,6 +151,7 @@ class MLflowCallback(pl.Callback):
     def _reset(self) -> None:
         """Per-fit state, cleared at each setup so one callback can track several fits."""
         self._owns_run = False
+        self._status_found = "RUNNING"  # the status of the run when this fit opened it
         self._run_params: dict[str, str] = {}
         self._experiment_name = ""
         self._n_logged = 0
@@ -128,6 +159,9 @@ class MLflowCallback(pl.Callback):
         self._logged_at: dict[int, int] = {}  # step -> the time its row was logged, in ms
         self._example: torch.Tensor | None = None
         self._example_done = False
+        self._sent: State = {"model_id": None}  # what deliver() left for later writes
+        self._outbox: Outbox | None = None  # set once the server stopped answering
+        self._outbox_root = Path(self.outbox_dir)
 
     # ---- Lightning hooks ---------------------------------------------------------------
 
@@ -141,22 +175,29 @@ class MLflowCallback(pl.Callback):
                 "MLflowCallback logs the per-epoch rows of an lkflow.LightModel; "
                 "wrap the net in LightModel(net, ...)."
             )
-        self._check_registered_name()  # before any MLflow call: fail fast on a bad name
-        from mlflow import MlflowClient, get_tracking_uri
+        check_registered_model_name(self.registered_model_name)  # before any MLflow call
+        from mlflow import get_tracking_uri
 
+        uri = self.tracking_uri or get_tracking_uri()
+        check_tracking_uri(uri)
+        check_reachable(uri)
         self._reset()
+        self._outbox_root = Path(self.outbox_dir).resolve()
         self._restored = {}
-        self.client_ = MlflowClient(self.tracking_uri or get_tracking_uri())
+        self.client_ = tracking_client(uri)
         self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        run = self._open_run()
+        with bounded_http_retries():
+            run = self._open_run()
+            self._experiment_name = self.client_.get_experiment(run.info.experiment_id).name
         self.run_id_, self.experiment_id_ = run.info.run_id, run.info.experiment_id
         self._run_params = dict(run.data.params)
-        self._experiment_name = self.client_.get_experiment(self.experiment_id_).name
+        if (self._outbox_root / self.run_id_ / "journal.jsonl").exists():
+            self._continue_outbox()
         if self.experiment_name not in (None, self._experiment_name):
             warnings.warn(
                 f"Logging into run {self.run_id_} of experiment {self._experiment_name!r}; "
@@ -170,7 +211,8 @@ class MLflowCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        self._log_params(fit_params(trainer, _net(pl_module), pl_module.hparams))
+        own = fit_params(trainer, _net(pl_module), pl_module.hparams)
+        self._log_params({**own, **(self.params or {})})
         self._log_datasets(trainer)
 
     @override
@@ -216,6 +258,8 @@ class MLflowCallback(pl.Callback):
         with _carry_on("log the history and checkpoints of the failed fit"):
             self._log_rows(pl_module)
             self._log_checkpoints(trainer)
+        with _carry_on("log the error of the failed fit"):
+            self._log_error(exception)
         with _carry_on(f"end run {self.run_id_} {status}"):
             self._end_run(status)
 
@@ -256,7 +300,10 @@ class MLflowCallback(pl.Callback):
                 f"{hide_credentials(self.client_.tracking_uri)}. Pass a run id of that store, "
                 "or leave run_id unset for a new run."
             ) from err
-        self._owns_run = run.info.status != "RUNNING"
+        # A run still RUNNING whose id only the checkpoint knew belongs to a killed process:
+        # the resumed fit takes it over and ends it.
+        self._owns_run = run.info.status != "RUNNING" or source == "the checkpoint's run_id"
+        self._status_found = run.info.status
         if self._owns_run:  # resumed: open it again, and end it as this fit ends
             self.client_.update_run(run_id, status="RUNNING")
         self._set_tags(run_id, self._run_tags())
@@ -316,42 +363,127 @@ class MLflowCallback(pl.Callback):
 
     def _end_run(self, status: str) -> None:
         if self._owns_run:
-            self.client_.set_terminated(self.run_id_, status=status)
+            self._send({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
             self._owns_run = False
+
+    def _send(self, entry: Entry) -> Any:
+        """One write into the run (an outbox entry, see lkflow/outbox.py): to MLflow while the
+        server answers; after a write failed for want of an answer, to the run's outbox, so
+        that the outbox holds that write and every later one in order.
+
+        Returns:
+            What `deliver` returns (the model id, the model version), or None once in the outbox.
+        """
+        if self._outbox is None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                with bounded_http_retries():
+                    return deliver(self.client_, self.run_id_, entry, self._sent)
+            except MlflowException as err:
+                if not is_unreachable(err):
+                    raise
+                self._open_outbox(err)
+        self._outbox.append(entry)
+        return None
+
+    def _open_outbox(self, err: BaseException) -> None:
+        uri = self.client_.tracking_uri
+        self._outbox = Outbox.open(self._outbox_root, self.run_id_, self.experiment_id_, uri)
+        reason = type(err.__cause__ or err.__context__).__name__
+        warnings.warn(
+            f"The MLflow tracking server at {hide_credentials(uri)} stopped answering "
+            f"({reason}). Training goes on; what run {self.run_id_} logs from now on (metrics, "
+            f"artifacts, the model and its registration, the run's end) is kept in "
+            f"{self._outbox.folder}. Deliver it with `lkflow sync` once the server is back.",
+            stacklevel=2,
+        )
+
+    def _continue_outbox(self) -> None:
+        """Writes of this run kept by an earlier fit wait in the outbox: this fit's go after
+        them, so that `lkflow sync` delivers all of them in order."""
+        uri = self.client_.tracking_uri
+        self._outbox = Outbox.open(self._outbox_root, self.run_id_, self.experiment_id_, uri)
+        warnings.warn(
+            f"Run {self.run_id_} has writes that an earlier fit kept in {self._outbox.folder}. "
+            "This fit's writes join them there, in order; deliver them all with `lkflow sync`.",
+            stacklevel=2,
+        )
+
+    def _log_error(self, exception: BaseException) -> None:
+        """The exception as the tag `lkflow.error`, its traceback's end as traceback.txt."""
+        message = traceback.format_exception_only(exception)[-1].strip()
+        tag = truncate(hide_credentials(message), _ERROR_TAG_LENGTH)
+        self._send({"op": "batch", "tags": {"lkflow.error": tag}})
+        lines = "".join(traceback.format_exception(exception)).splitlines()
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "traceback.txt"
+            path.write_text(hide_credentials("\n".join(lines[-_TRACEBACK_LINES:])) + "\n")
+            self._send({"op": "artifacts", "paths": [str(path)], "artifact_path": None})
 
     # ---- params, data and metrics ------------------------------------------------------
 
     def _log_params(self, params: Mapping[str, Any]) -> None:
         """Params the run lacks, in batches; a different value already logged is an error."""
-        from mlflow.entities import Param
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         prepared = prepare_params(params, limit=MAX_PARAM_VAL_LENGTH)
         logged = self._run_params
         clashes = [k for k, v in prepared.items() if k in logged and not same_value(logged[k], v)]
+        if "epochs" in clashes and self._restored.get("run_id") == self.run_id_:
+            # a resumed fit may run longer than the one that wrote the checkpoint
+            clashes.remove("epochs")
+            self._send({"op": "batch", "tags": {"lkflow.resumed_epochs": prepared.pop("epochs")}})
         if clashes:
             values = "; ".join(f"{k}: {logged[k]!r} logged, {prepared[k]!r} now" for k in clashes)
+            self._give_back_run()
             raise LkflowError(
                 f"MLflow run {self.run_id_} already holds other values for {values}. MLflow "
                 "never changes a logged param. Fit with the logged values (as `mlflow run -P` "
                 "gave them), or log into a new run: no active run, MLFLOW_RUN_ID and run_id unset."
             )
-        new = [Param(k, v) for k, v in prepared.items() if k not in logged]
-        for start in range(0, len(new), _PARAMS_PER_CALL):
-            self.client_.log_batch(self.run_id_, params=new[start : start + _PARAMS_PER_CALL])
+        new = {k: v for k, v in prepared.items() if k not in logged}
+        if new:
+            self._send({"op": "batch", "params": new})
         self._run_params.update(prepared)
 
-    def _log_datasets(self, trainer: pl.Trainer) -> None:
-        from mlflow.entities import DatasetInput, InputTag
+    def log_figures(self, figures: Mapping[str, Figure], artifact_path: str = "report") -> None:
+        """Figures as PNG files in the run of the last fit, under `artifact_path`.
 
+        They go the way of every other write: into the run, or into its outbox while the
+        tracking server is away.
+
+        Args:
+            figures: File name (".png" added where there is no suffix) to figure.
+            artifact_path: Folder of the run's artifacts. Defaults to "report".
+
+        Example:
+            >>> tracker.log_figures({"confusion": figure})  # doctest: +SKIP
+        """
+        if self.run_id_ is None or not figures:
+            return
+        with tempfile.TemporaryDirectory() as temporary:
+            folder = Path(temporary) / artifact_path
+            folder.mkdir(parents=True)
+            for name, figure in figures.items():
+                figure.savefig(folder / (name if "." in name else f"{name}.png"), dpi=100)
+            self._send({"op": "artifacts", "paths": [str(folder)], "artifact_path": artifact_path})
+
+    def _give_back_run(self) -> None:
+        """Leaves a run this fit reopened as it was found, before the fit fails on a bad value."""
+        if self._owns_run and self._status_found != "RUNNING":
+            self.client_.update_run(self.run_id_, status=self._status_found)
+        self._owns_run = False
+
+    def _log_datasets(self, trainer: pl.Trainer) -> None:
         loaders = {"training": trainer.train_dataloader, "validation": trainer.val_dataloaders}
-        inputs = [
-            DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+        datasets = [
+            {**dataset, "context": context}
             for context, loader in loaders.items()
-            if (dataset := _dataset_entity(getattr(loader, "dataset", None))) is not None
+            if (dataset := _dataset_record(getattr(loader, "dataset", None))) is not None
         ]
-        if inputs:
-            self.client_.log_inputs(self.run_id_, datasets=inputs)
+        if datasets:
+            self._send({"op": "inputs", "datasets": datasets})
 
     def _log_rows(self, pl_module: pl.LightningModule) -> None:
         """History rows not logged yet: one batched call, each row at `step=epoch`."""
@@ -374,16 +506,11 @@ class MLflowCallback(pl.Callback):
         self._n_logged += len(rows)
 
     def _log_metrics(
-        self, values: Sequence[tuple[str, float, int, int]], model_id: str | None = None
+        self, values: Sequence[tuple[str, float, int, int]], to_model: bool = False
     ) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [
-            Metric(key, value, timestamp, step, model_id=model_id, run_id=self.run_id_)
-            for key, value, timestamp, step in values
-        ]
-        for start in range(0, len(metrics), _METRICS_PER_CALL):
-            self.client_.log_batch(self.run_id_, metrics=metrics[start : start + _METRICS_PER_CALL])
+        """(key, value, time in ms, step) points; `to_model` links them to the logged model."""
+        metrics = [list(value) for value in values]
+        self._send({"op": "batch", "metrics": metrics, "to_model": to_model})
 
     # ---- the end of the fit ------------------------------------------------------------
 
@@ -393,22 +520,20 @@ class MLflowCallback(pl.Callback):
         net = _best_net(pl_module, best.state_dict)
         example = None if self._example is None else self._example.cpu()
         table = _summary_table(net, example)
-        with tempfile.TemporaryDirectory() as folder:
-            _write_artifacts(Path(folder), pl_module.history, net.state_dict(), table)
-            self.client_.log_artifacts(self.run_id_, folder)
+        with tempfile.TemporaryDirectory() as temporary:
+            folder = Path(temporary) / "artifacts"  # its files go to the run's artifact root
+            _write_artifacts(folder, pl_module.history, net.state_dict(), table)
+            self._send({"op": "artifacts", "paths": [str(folder)], "artifact_path": None})
         self._log_checkpoints(trainer)
-        model_id = None
         if self.log_model:
             model_id = self._log_model(net, example, best.epoch)
-            self.model_uri_ = f"models:/{model_id}"
+            self.model_uri_ = None if model_id is None else f"models:/{model_id}"
             name = self._registered_name(pl_module)
             if name is not None:
-                self.model_version_ = self._register(name, model_id, best, table)
-        self._log_best(best, pl_module.history, model_id)
+                self.model_version_ = self._register(name, best, table)
+        self._log_best(best, pl_module.history, to_model=self.log_model)
 
-    def _log_best(
-        self, best: _Best, history: Sequence[Mapping[str, Any]], model_id: str | None
-    ) -> None:
+    def _log_best(self, best: _Best, history: Sequence[Mapping[str, Any]], to_model: bool) -> None:
         """`best_<monitor>` and `best_epoch`; with a model, also the best epoch's row again,
         linked to the model (same values and times: the run's histories gain no point)."""
         values = []
@@ -421,47 +546,43 @@ class MLflowCallback(pl.Callback):
             ]
         logged_at = self._logged_at.get(best.epoch)
         rows = [row for row in history if row.get("epoch") == best.epoch]
-        if model_id is not None and logged_at is not None and rows:
+        if to_model and logged_at is not None and rows:
             values += [
                 (self._metric_names[key], float(value), logged_at, best.epoch)
                 for key, value in rows[-1].items()
                 if key != "epoch"
             ]
-        self._log_metrics(values, model_id)
+        if values:
+            self._log_metrics(values, to_model)
 
     def _log_checkpoints(self, trainer: pl.Trainer) -> None:
-        checkpoint = trainer.checkpoint_callback
-        paths = {getattr(checkpoint, f"{which}_model_path", "") for which in ("best", "last")}
-        for path in sorted(p for p in paths if p and os.path.isfile(p)):
-            self.client_.log_artifact(self.run_id_, path, "checkpoints")
+        """The best and the last checkpoint files of every checkpoint callback of the fit."""
+        paths = {
+            getattr(checkpoint, f"{which}_model_path", "")
+            for checkpoint in trainer.checkpoint_callbacks
+            for which in ("best", "last")
+        }
+        paths = sorted(p for p in paths if p and os.path.isfile(p))
+        if paths:
+            self._send({"op": "artifacts", "paths": paths, "artifact_path": "checkpoints"})
 
-    def _log_model(self, net: nn.Module, example: torch.Tensor | None, step: int) -> str:
-        """The net as an MLflow model linked to the run (a LoggedModel); returns its id."""
-        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    def _log_model(self, net: nn.Module, example: torch.Tensor | None, step: int) -> str | None:
+        """The net as an MLflow model linked to the run (a LoggedModel); returns its id, or
+        None when the model went to the outbox."""
         from mlflow.models import Model
 
-        model = self.client_.create_logged_model(
-            self.experiment_id_,
-            name="model",
-            source_run_id=self.run_id_,
-            params=self._run_params,
-        )
-        mlflow_model = Model(
-            artifact_path=model.artifact_location,
-            model_uuid=model.model_id,
-            run_id=self.run_id_,
-            model_id=model.model_id,
-        )
-        try:
-            with tempfile.TemporaryDirectory() as folder:
-                _save_model(net, example, Path(folder) / "model", mlflow_model)
-                self.client_.log_model_artifacts(model.model_id, str(Path(folder) / "model"))
-        except BaseException:
-            self.client_.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
-            raise
-        self.client_.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        self.client_.log_outputs(self.run_id_, [LoggedModelOutput(model.model_id, step=step)])
-        return model.model_id
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model"
+            _save_model(net, example, path, Model(run_id=self.run_id_))
+            entry = {
+                "op": "model",
+                "path": str(path),
+                "experiment_id": self.experiment_id_,
+                "params": dict(self._run_params),
+                "step": step,
+                "model_id": None,
+            }
+            return self._send(entry)
 
     def _registered_name(self, pl_module: pl.LightningModule) -> str | None:
         """The name to register under: as given, the experiment's, or the net's class name."""
@@ -473,24 +594,8 @@ class MLflowCallback(pl.Callback):
             return self._experiment_name.replace("/", "-").replace(":", "-")
         return type(_net(pl_module)).__name__
 
-    def _check_registered_name(self) -> None:
-        name = self.registered_model_name
-        if name is None or name is False:
-            return
-        if not isinstance(name, str) or not name.strip() or "/" in name or ":" in name:
-            raise LkflowError(
-                f"Received: registered_model_name={name!r}. Expected a name that is not blank "
-                "and holds no '/' or ':', such as 'rings-net', or False not to register."
-            )
-
-    def _register(self, name: str, model_id: str, best: _Best, table: str) -> ModelVersion:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client_.create_registered_model(name)
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
+    def _register(self, name: str, best: _Best, table: str) -> ModelVersion | None:
+        """A version of the logged model under `name`; None when it went to the outbox."""
         tags = {"run_id": self.run_id_}
         if best.score is not None:
             tags.update(
@@ -499,17 +604,8 @@ class MLflowCallback(pl.Callback):
                 mode=best.mode,
                 best_epoch=str(best.epoch),
             )
-        # A sqlite or file registry looks `models:/<id>` up with the global tracking URI
-        # (MLflow 3.17, sqlalchemy_store.create_model_version), so make it this client's.
-        with _global_tracking_uri(self.client_.tracking_uri):
-            return self.client_.create_model_version(
-                name,
-                source=f"models:/{model_id}",
-                run_id=self.run_id_,
-                tags=tags,
-                description=f"```\n{table}\n```" if table else None,
-                model_id=model_id,
-            )
+        entry = {"op": "register", "name": name, "tags": tags}
+        return self._send(entry | {"description": f"```\n{table}\n```" if table else None})
 
 
 @dataclass(frozen=True)
@@ -538,24 +634,6 @@ def _best(trainer: pl.Trainer, history: Sequence[Mapping[str, Any]]) -> _Best:
         int(saved.get("epoch", 0)),
         saved["state_dict"],
     )
-
-
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's global tracking URI set to `uri` for the block, then put back as it was.
-
-    MLflow's own `_use_tracking_uri` also unsets `MLFLOW_TRACKING_URI` on the way out when
-    the URI had come from it; the variable is kept here.
-    """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    variable = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:
-        if variable is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
 @contextlib.contextmanager
@@ -591,10 +669,9 @@ def _best_net(pl_module: pl.LightningModule, state_dict: dict | None) -> nn.Modu
     return net
 
 
-def _dataset_entity(dataset: Any) -> Any:
-    """An MLflow Dataset of a map-style dataset: its rows and a digest of a sample of them."""
-    from mlflow.entities import Dataset
-
+def _dataset_record(dataset: Any) -> dict[str, str] | None:
+    """The fields of an MLflow Dataset of a map-style dataset: its rows and a digest of a
+    sample of them; None for a dataset without length or indexing."""
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         return None
     rows = len(dataset)
@@ -602,13 +679,13 @@ def _dataset_entity(dataset: Any) -> Any:
     for index in sorted({i * rows // _DIGEST_ROWS for i in range(min(rows, _DIGEST_ROWS))}):
         for item in _leaves(dataset[index]):
             digest.update(item)
-    return Dataset(
-        name=type(dataset).__name__,
-        digest=digest.hexdigest()[:12],
-        source_type="code",
-        source=json.dumps({"tags": {}}),
-        profile=json.dumps({"num_rows": rows}),
-    )
+    return {
+        "name": type(dataset).__name__,
+        "digest": digest.hexdigest()[:12],
+        "source_type": "code",
+        "source": json.dumps({"tags": {}}),
+        "profile": json.dumps({"num_rows": rows}),
+    }
 
 
 def _leaves(item: Any) -> Iterator[bytes]:
@@ -641,8 +718,8 @@ def _summary_table(net: nn.Module, example: torch.Tensor | None) -> str:
 def _write_artifacts(
     folder: Path, history: Sequence[Mapping[str, Any]], state_dict: Mapping[str, Any], table: str
 ) -> None:
-    """net/state_dict.pt, history.csv, curves.png and summary.txt, in `folder`."""
-    (folder / "net").mkdir()
+    """net/state_dict.pt, history.csv, curves.png and summary.txt, in a new `folder`."""
+    (folder / "net").mkdir(parents=True)
     torch.save(dict(state_dict), folder / "net" / "state_dict.pt")
     if history:
         columns = list(dict.fromkeys(key for row in history for key in row))

@@ -1,0 +1,457 @@
+"""The outbox: what a fit could not deliver to a tracking server that went away, for `lkflow sync`.
+
+    lkflow sync                                    # every run kept in ./mlruns-outbox
+    lkflow sync --tracking-uri http://mlflow.internal:5000
+
+MLflowCallback sends each write of a fit through `deliver`. Once one fails because the server
+does not answer (`lkflow.store.is_unreachable`), that write and every later write of the run
+are appended, in order, to `mlruns-outbox/<run_id>/` in the folder the fit ran in (the
+callback's `outbox_dir` moves it), and training goes on:
+
+    run.json        {"run_id", "experiment_id", "tracking_uri" (credentials hidden),
+                     "has_credentials"}
+    journal.jsonl   one write a line, in the order the fit made them (below)
+    files/<n>/      the files of line n, copied when it was written: artifacts, checkpoints,
+                    the saved MLflow model
+    progress.json   kept by `lkflow sync`: {"delivered": lines delivered, "model_id": the
+                    logged model, once created, "registered": "name version n"}
+
+Each line of the journal is a JSON object with an "op"; paths are relative to the run's folder:
+
+    {"op": "batch", "params": {}, "tags": {}, "metrics": [[key, value, time_ms, step]],
+     "to_model": false}                  log_batch; to_model links the metrics to the model
+    {"op": "inputs", "datasets": [{"name", "digest", "source_type", "source", "profile",
+     "context"}]}                        log_inputs
+    {"op": "artifacts", "paths": [], "artifact_path": null}   files and folders
+    {"op": "model", "path": "files/n/model", "experiment_id", "params", "step",
+     "model_id": null}                   a LoggedModel: created, uploaded, finalized, output
+    {"op": "register", "name", "tags", "description"}         a version of that model
+    {"op": "end", "status": "FINISHED", "end_time": ms}       the status the fit ended with
+
+`sync_run` delivers the lines after `delivered` in order into the same run, records each
+line as MLflow accepts it, and removes the run's folder when all are in: a second sync has
+nothing to deliver. Only the first line a sync sends can have reached MLflow already (its
+answer lost as the server went away); its metric points that the run holds are dropped and a
+version of the model already registered is kept, so nothing is recorded twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lkflow.errors import LkflowError
+from lkflow.params import hide_credentials
+from lkflow.store import HTTP_RETRIES, check_reachable, env_defaults, is_unreachable
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+Entry = dict[str, Any]  # one write: a journal line
+State = dict[str, Any]  # what earlier writes of the run left: "model_id", "registered"
+
+DEFAULT_DIR = "mlruns-outbox"
+_PARAMS_PER_CALL = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
+_METRICS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
+
+
+# ---- delivering one write ------------------------------------------------------------------
+
+
+def deliver(
+    client: MlflowClient,
+    run_id: str,
+    entry: Entry,
+    state: State,
+    maybe_sent: bool = False,
+) -> Any:
+    """Sends one write of a fit (a journal line, as the module docstring lists them) to MLflow.
+
+    Args:
+        client: The client of the run's store.
+        run_id: The run written to.
+        entry: The write. A "model" entry gets the id of the LoggedModel it creates.
+        state: What the run's earlier writes left: "model_id" (set by a "model" entry, read
+            by "register" and by metrics linked to the model) and "registered".
+        maybe_sent: The write may have reached MLflow before: metric points the run holds
+            are not sent again, an existing version of the model is kept. Defaults to False.
+
+    Returns:
+        The model id for "model", the ModelVersion for "register", else None.
+    """
+    senders = {
+        "batch": _batch,
+        "inputs": _inputs,
+        "artifacts": _artifacts,
+        "model": _model,
+        "register": _register,
+        "end": _end,
+    }
+    return senders[entry["op"]](client, run_id, entry, state, maybe_sent)
+
+
+def _batch(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    model_id = state["model_id"] if entry.get("to_model") else None
+    points = entry.get("metrics", [])
+    if maybe_sent and model_id is None:  # linked points repeat logged ones: MLflow keeps one
+        points = _not_logged(client, run_id, points)
+    params = [Param(key, value) for key, value in entry.get("params", {}).items()]
+    tags = [RunTag(key, value) for key, value in entry.get("tags", {}).items()]
+    metrics = [
+        Metric(key, value, timestamp, step, model_id=model_id, run_id=run_id)
+        for key, value, timestamp, step in points
+    ]
+    for part in _chunks(params, _PARAMS_PER_CALL):
+        client.log_batch(run_id, params=part)
+    for part in _chunks(tags, _PARAMS_PER_CALL):
+        client.log_batch(run_id, tags=part)
+    for part in _chunks(metrics, _METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=part)
+
+
+def _not_logged(client: MlflowClient, run_id: str, points: list[list]) -> list[list]:
+    """The metric points (key, value, time, step) that the run does not hold yet."""
+    logged = {
+        (metric.key, metric.step, metric.timestamp)
+        for key in {point[0] for point in points}
+        for metric in client.get_metric_history(run_id, key)
+    }
+    return [point for point in points if (point[0], point[3], point[2]) not in logged]
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _inputs(
+    client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool
+) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [
+        DatasetInput(
+            Dataset(
+                name=data["name"],
+                digest=data["digest"],
+                source_type=data["source_type"],
+                source=data["source"],
+                profile=data["profile"],
+            ),
+            tags=[InputTag("mlflow.data.context", data["context"])],
+        )
+        for data in entry["datasets"]
+    ]
+    client.log_inputs(run_id, datasets=inputs)  # MLflow links a dataset to a run once
+
+
+def _artifacts(
+    client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool
+) -> None:
+    for path in entry["paths"]:
+        if os.path.isdir(path):
+            client.log_artifacts(run_id, path, entry.get("artifact_path"))
+        else:
+            client.log_artifact(run_id, path, entry.get("artifact_path"))
+
+
+def _model(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool) -> str:
+    """Creates the LoggedModel (once), uploads the saved model, marks it READY, links it."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    model_id = entry.get("model_id") or state.get("model_id")
+    if model_id is None:
+        model = client.create_logged_model(
+            entry["experiment_id"], name="model", source_run_id=run_id, params=entry["params"]
+        )
+        model_id = model.model_id
+    else:  # created by the write that failed, or by a sync that broke off
+        model = client.get_logged_model(model_id)
+    entry["model_id"] = state["model_id"] = model_id
+    _stamp(Path(entry["path"]), model.artifact_location, model_id)
+    try:
+        client.log_model_artifacts(model_id, entry["path"])
+    except BaseException as err:
+        if not is_unreachable(err):  # kept PENDING when the upload is only postponed
+            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=entry["step"])])
+    return model_id
+
+
+def _stamp(folder: Path, artifact_location: str, model_id: str) -> None:
+    """The saved model's MLmodel file names the LoggedModel it is uploaded to."""
+    from mlflow.models import Model
+
+    model = Model.load(folder)
+    model.artifact_path, model.model_uuid, model.model_id = artifact_location, model_id, model_id
+    model.save(folder / "MLmodel")
+
+
+def _register(
+    client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool
+) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
+    name, source = entry["name"], f"models:/{state['model_id']}"
+    if maybe_sent:
+        for version in client.search_model_versions(f"run_id = '{run_id}'"):
+            if version.name == name and version.source == source:
+                return _registered(state, version)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # A sqlite or file registry looks `models:/<id>` up with the global tracking URI
+    # (MLflow 3.17, sqlalchemy_store.create_model_version), so make it this client's.
+    with _global_tracking_uri(client.tracking_uri):
+        version = client.create_model_version(
+            name,
+            source=source,
+            run_id=run_id,
+            tags=entry["tags"],
+            description=entry["description"],
+            model_id=state["model_id"],
+        )
+    return _registered(state, version)
+
+
+def _registered(state: State, version: ModelVersion) -> ModelVersion:
+    state["registered"] = f"{version.name} version {version.version}"
+    return version
+
+
+def _end(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool) -> None:
+    client.set_terminated(run_id, status=entry["status"], end_time=entry["end_time"])
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to `uri` for the block, then put back as it was.
+
+    MLflow's own `_use_tracking_uri` also unsets `MLFLOW_TRACKING_URI` on the way out when
+    the URI had come from it; the variable is kept here.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    variable = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if variable is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
+# ---- the journal ---------------------------------------------------------------------------
+
+
+class Outbox:
+    """The writes of one run kept on disk, in `folder` (laid out as the module docstring says).
+
+    Args:
+        folder: The run's folder, `<outbox dir>/<run_id>`.
+
+    Example:
+        >>> outbox = Outbox.open("mlruns-outbox", run_id, "0", uri)  # doctest: +SKIP
+        >>> outbox.append({"op": "end", "status": "FINISHED", "end_time": 0})  # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.journal = self.folder / "journal.jsonl"
+        self._lines = len(self.journal.read_text().splitlines()) if self.journal.exists() else 0
+
+    @classmethod
+    def open(
+        cls, root: str | os.PathLike[str], run_id: str, experiment_id: str, tracking_uri: str
+    ) -> Outbox:
+        """The outbox of `run_id` under `root`; made when new, continued when it is there."""
+        folder = Path(root) / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "run.json").exists():
+            hidden = hide_credentials(tracking_uri)
+            meta = {
+                "run_id": run_id,
+                "experiment_id": experiment_id,
+                "tracking_uri": hidden,
+                "has_credentials": hidden != tracking_uri,
+            }
+            _write_json(folder / "run.json", meta)
+        return cls(folder)
+
+    def append(self, entry: Mapping[str, Any]) -> None:
+        """Adds a write at the journal's end; its files are copied to `files/<n>/` now."""
+        line = dict(entry)
+        if "paths" in line:
+            line["paths"] = [self._keep(path) for path in line["paths"]]
+        if "path" in line:
+            line["path"] = self._keep(line["path"])
+        with open(self.journal, "a") as file:
+            file.write(json.dumps(line) + "\n")
+        self._lines += 1
+
+    def _keep(self, path: str) -> str:
+        source = Path(path)
+        target = self.folder / "files" / str(self._lines) / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+        return target.relative_to(self.folder).as_posix()
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.folder / "run.json").read_text())
+
+    def entries(self) -> list[Entry]:
+        """The journal's writes in order, their paths made absolute."""
+        lines = self.journal.read_text().splitlines() if self.journal.exists() else []
+        entries = [json.loads(line) for line in lines if line.strip()]
+        for entry in entries:
+            if "paths" in entry:
+                entry["paths"] = [str(self.folder / path) for path in entry["paths"]]
+            if "path" in entry:
+                entry["path"] = str(self.folder / entry["path"])
+        return entries
+
+    def progress(self) -> dict[str, Any]:
+        path = self.folder / "progress.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        return {"delivered": 0, "model_id": None, **saved}
+
+    def save_progress(self, state: Mapping[str, Any]) -> None:
+        _write_json(self.folder / "progress.json", state)
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    """`value` as JSON at `path`, replaced whole (never half written)."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+# ---- lkflow sync ---------------------------------------------------------------------------
+
+
+def run_folders(root: str | os.PathLike[str]) -> list[Path]:
+    """The runs kept under `root`, one folder each; [] when there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(folder for folder in root.iterdir() if (folder / "run.json").is_file())
+
+
+def sync_run(folder: str | os.PathLike[str], tracking_uri: str | None = None) -> str:
+    """Delivers a run's outbox into the run, then removes the outbox; says what was delivered.
+
+    Args:
+        folder: The run's outbox folder, `<outbox dir>/<run_id>`.
+        tracking_uri: Where the run is. Defaults to None: the tracking URI the fit logged to
+            (taken from `MLFLOW_TRACKING_URI` when the recorded one had credentials).
+
+    Returns:
+        One line: the run, the store, and what went into the run.
+
+    Raises:
+        LkflowError: The server cannot be reached, or went away during the sync (what was
+            delivered stays delivered: the next sync goes on from there), or the run is not
+            in the store.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    outbox = Outbox(folder)
+    run_id = outbox.meta()["run_id"]
+    uri = _target_uri(outbox.meta(), tracking_uri)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    entries, state = outbox.entries(), outbox.progress()
+    start = state["delivered"]
+    # MLflow prints the run's URL as the run ends; the line returned says what happened.
+    with env_defaults({**HTTP_RETRIES, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+        try:
+            _check_run(client, run_id)
+            for index in range(start, len(entries)):
+                deliver(client, run_id, entries[index], state, maybe_sent=index == start)
+                state["delivered"] = index + 1
+                outbox.save_progress(state)
+        except MlflowException as err:
+            if not is_unreachable(err):
+                raise
+            raise LkflowError(
+                f"The tracking server at {hide_credentials(uri)} went away during the sync of "
+                f"run {run_id}: {state['delivered']} of {len(entries)} writes delivered, the "
+                f"rest kept in {outbox.folder}. Run `lkflow sync` again once it is back."
+            ) from err
+        finally:
+            outbox.save_progress(state)  # with a LoggedModel created before a failure
+    line = _summary(run_id, hide_credentials(uri), entries[start:], state)
+    shutil.rmtree(outbox.folder)
+    if not any(outbox.folder.parent.iterdir()):
+        outbox.folder.parent.rmdir()
+    return line
+
+
+def _target_uri(meta: Mapping[str, Any], tracking_uri: str | None) -> str:
+    if tracking_uri:
+        return tracking_uri
+    variable = os.environ.get("MLFLOW_TRACKING_URI")
+    if variable and hide_credentials(variable) == meta["tracking_uri"]:
+        return variable
+    if meta["has_credentials"]:
+        raise LkflowError(
+            f"Run {meta['run_id']} was logged to {meta['tracking_uri']}, whose credentials "
+            "the outbox does not keep. Pass --tracking-uri with them, or set "
+            "MLFLOW_TRACKING_URI to that URI."
+        )
+    return meta["tracking_uri"]
+
+
+def _check_run(client: MlflowClient, run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise LkflowError(
+            f"Received: run {run_id}, which is not at {hide_credentials(client.tracking_uri)}. "
+            "Pass --tracking-uri of the store the fit logged to."
+        ) from err
+
+
+def _summary(run_id: str, uri: str, entries: Sequence[Entry], state: State) -> str:
+    """`Run <id> at <uri>: delivered 9 params, 24 metric values, ..., ended FINISHED.`"""
+    batches = [entry for entry in entries if entry["op"] == "batch"]
+    counts = {
+        "params": sum(len(entry.get("params", {})) for entry in batches),
+        "tags": sum(len(entry.get("tags", {})) for entry in batches),
+        "metric values": sum(len(entry.get("metrics", [])) for entry in batches),
+        "datasets": sum(len(entry.get("datasets", [])) for entry in entries),
+        "artifact files": sum(_files(path) for entry in entries for path in entry.get("paths", [])),
+    }
+    parts = [f"{count} {what}" for what, count in counts.items() if count]
+    ops = {entry["op"]: entry for entry in entries}
+    if "model" in ops:
+        parts.append(f"model {state['model_id']}")
+    if "register" in ops:
+        parts.append(f"registered as {state['registered']}")
+    if "end" in ops:
+        parts.append(f"ended {ops['end']['status']}")
+    return f"Run {run_id} at {uri}: delivered {', '.join(parts) or 'nothing (all was in)'}."
+
+
+def _files(path: str) -> int:
+    return sum(1 for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else 1

@@ -1,0 +1,293 @@
+"""The tracking store, as lkflow talks to it: a well-formed URI, a server that answers, a
+sqlite file that several processes can share, and how long to wait for a server.
+
+    check_tracking_uri("sqlite:/mlflow.db")  # LkflowError: did you mean 'sqlite:///mlflow.db'?
+    check_reachable("http://127.0.0.1:5000")  # LkflowError at once when nothing answers
+    client = tracking_client("sqlite:///mlflow.db")  # safe from several processes at once
+    with bounded_http_retries():
+        client.log_batch(run_id, metrics=metrics)  # a dead server fails in seconds, not minutes
+
+MLflow retries a failed HTTP request 7 times with a backoff that reaches 2 minutes a try
+(`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, `..._BACKOFF_FACTOR`, `..._TIMEOUT`): about 4 minutes
+before a dead server raises. lkflow's own requests retry briefly instead, unless those
+variables are set, and a request that still fails (`is_unreachable`) is kept for later.
+
+MLflow creates and migrates the tables of a sqlite store when a client first opens it. Fits
+started together on a new file each run the migrations, and all but one fail with
+"duplicate column name" or "Online migration expected to match one row". `tracking_client`
+opens a sqlite store under an exclusive lock: the first process migrates, the others find
+the tables made. Writes need no such help: MLflow waits up to 20 s for a locked database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from lkflow.errors import LkflowError
+from lkflow.params import hide_credentials
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+CONNECT_TIMEOUT_S = 3.0
+# lkflow's requests to a tracking server: retries, backoff factor (waits 0, 2, 4 s), timeout.
+HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def is_http(uri: str) -> bool:
+    """Whether `uri` names a tracking server (http or https) rather than a local store."""
+    parsed = urlparse(uri)
+    return parsed.scheme in ("http", "https") and bool(parsed.hostname)
+
+
+def check_reachable(uri: str) -> None:
+    """Fails fast when an http(s) tracking server does not take a TCP connection.
+
+    Args:
+        uri: A tracking URI; only http and https ones are checked.
+
+    Raises:
+        LkflowError: Nothing answers at the URI's host and port within a few seconds. The
+            message names the URI with its credentials hidden, and the fix.
+
+    Example:
+        >>> check_reachable("sqlite:///mlflow.db")  # a local store: nothing to check
+    """
+    if not is_http(uri):
+        return
+    parsed = urlparse(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise LkflowError(
+            f"Cannot reach the MLflow tracking server at {hide_credentials(uri)} ({reason}). "
+            "Start it (mlflow server --host 127.0.0.1 --port 5000), or name a reachable store: "
+            "--tracking-uri, fit(tracking_uri=...) or MLFLOW_TRACKING_URI."
+        ) from err
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether an MLflow error means the tracking server did not answer (gone, hung, 5xx).
+
+    MLflow 3 raises `MlflowException("API request to ... failed with exception ...")`, error
+    code INTERNAL_ERROR, while handling the `requests` error that its retries ended with: a
+    `ConnectionError` (refused, reset, DNS), a `Timeout`, or a `RetryError` (429/5xx answers
+    to the last retry). Any other error, such as a rejected value, is not an outage.
+
+    Args:
+        err: An exception raised by an MLflow client call.
+
+    Returns:
+        True for an `MlflowException` caused by one of those `requests` errors.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    outages = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,
+    )
+    cause = err.__cause__ or err.__context__
+    return isinstance(err, MlflowException) and isinstance(cause, outages)
+
+
+def bounded_http_retries() -> contextlib.AbstractContextManager[None]:
+    """MLflow's HTTP retry settings set to `HTTP_RETRIES` for a block, where not set already.
+
+    A dead server then fails a request in about 6 seconds and a hung one in about 2 minutes,
+    instead of about 4 and 20 minutes.
+
+    Example:
+        >>> with bounded_http_retries():
+        ...     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        '3'
+    """
+    return env_defaults(HTTP_RETRIES)
+
+
+@contextlib.contextmanager
+def env_defaults(values: Mapping[str, str]) -> Iterator[None]:
+    """Environment variables set to `values` for the block, those the user set left alone.
+
+    Args:
+        values: Variable names and the values they take where they are not set.
+    """
+    unset = [name for name in values if name not in os.environ]
+    os.environ.update({name: values[name] for name in unset})
+    try:
+        yield
+    finally:
+        for name in unset:
+            os.environ.pop(name, None)
+
+
+_TRACKING_URI_FORMS = (
+    "sqlite:///mlflow.db (a file in the working folder), sqlite:////abs/path/mlflow.db, "
+    "http://host:port or https://host, a database URL such as postgresql://user@host/db, "
+    "or databricks"
+)
+_DATABASES = ("postgresql", "mysql", "mssql")
+_SCHEMES = ("sqlite", "http", "https", "file", *_DATABASES, "databricks", "databricks-uc", "uc")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fails, in one line naming the URI, on a tracking URI that MLflow cannot open.
+
+    MLflow reports such a typo only at its first call, and in words about something else:
+    a SQLAlchemy parse error for `sqlite:/mlflow.db`, "unsupported URI ... for model
+    registry" for `htp://host`, "the filesystem backend is in maintenance mode" for
+    `mlflow.db`. Schemes of installed MLflow tracking-store plugins pass.
+
+    Args:
+        uri: The tracking URI, as given or as MLflow resolved it.
+
+    Raises:
+        LkflowError: Naming the URI (credentials hidden), the accepted forms and, where one
+            is likely, the URI that was meant.
+
+    Example:
+        >>> check_tracking_uri("sqlite:///mlflow.db")
+        >>> check_tracking_uri("sqlite:/mlflow.db")
+        Traceback (most recent call last):
+        ...
+        lkflow.errors.LkflowError: Received: tracking URI 'sqlite:/mlflow.db'. Expected ...
+    """
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return
+    if scheme == "sqlite":
+        valid = uri == "sqlite://" or (uri.startswith("sqlite:///") and uri != "sqlite:///")
+    elif scheme in ("http", "https"):
+        valid = bool(parsed.hostname)
+    elif scheme.partition("+")[0] in _DATABASES:
+        valid = bool(parsed.netloc)
+    elif scheme in ("", "file") or len(scheme) == 1:  # a path (C: on Windows): a file store
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+        valid = bool(MLFLOW_ALLOW_FILE_STORE.get()) and not uri.endswith(".db")
+    else:
+        valid = scheme in _SCHEMES or scheme in _plugin_schemes()
+    if valid:
+        return
+    meant = _meant(uri, parsed.scheme, parsed.path)
+    if meant is not None:
+        fix = f" Did you mean {hide_credentials(meant)!r}?"
+    elif scheme in ("", "file"):
+        fix = " MLflow 3.13+ opens a folder of runs only with MLFLOW_ALLOW_FILE_STORE=true."
+    else:
+        fix = ""
+    raise LkflowError(
+        f"Received: tracking URI {hide_credentials(uri)!r}. Expected {_TRACKING_URI_FORMS}."
+        f"{fix} Fix tracking_uri=, --tracking-uri or MLFLOW_TRACKING_URI."
+    )
+
+
+def _meant(uri: str, scheme: str, path: str) -> str | None:
+    """The likely intended URI of a malformed one, or None when there is no good guess."""
+    rest = uri[len(scheme) + 1 :] if scheme else uri
+    if scheme.lower() not in _SCHEMES and re.fullmatch(r"\d+", path or ""):
+        return f"http://{uri}"  # host:port
+    if scheme.lower() in ("", "file") or len(scheme) == 1:
+        head, slashes, tail = rest.partition("//")
+        if slashes and head.isalpha():  # http//host:5000
+            scheme, rest = head, tail
+        elif uri.endswith(".db"):
+            return f"sqlite:///{rest.removeprefix('//')}"
+        else:
+            return None
+    close = difflib.get_close_matches(scheme.lower(), _SCHEMES, n=1, cutoff=0.6)
+    if not close:
+        return None
+    separator = ":///" if close[0] == "sqlite" else "://"
+    meant = f"{close[0]}{separator}{rest.lstrip('/')}"
+    return meant if meant != uri else None
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes that installed packages register as MLflow tracking stores."""
+    from importlib.metadata import entry_points
+
+    return {entry.name for entry in entry_points(group="mlflow.tracking_store")}
+
+
+def tracking_client(uri: str) -> MlflowClient:
+    """An `MlflowClient` of `uri`, its store opened (and, if new, migrated) by one process at once.
+
+    Args:
+        uri: A tracking URI; only `sqlite:///` files are locked, others open as they are.
+
+    Returns:
+        The client, its tracking store ready.
+
+    Example:
+        >>> tracking_client("sqlite:///mlflow.db").search_experiments()  # doctest: +SKIP
+        [<Experiment: ... name='Default' ...>]
+    """
+    from mlflow import MlflowClient
+
+    path = sqlite_path(uri)
+    if path is None:
+        return MlflowClient(uri)
+    with _exclusive(_lock_file(path)):
+        return MlflowClient(uri)  # builds the tracking store: creates and migrates its tables
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The absolute path of the database file of a `sqlite:///` URI; None for other URIs.
+
+    Args:
+        uri: A tracking URI.
+
+    Returns:
+        The file's path (which may not exist yet), or None.
+
+    Example:
+        >>> sqlite_path("sqlite:////tmp/mlflow.db"), sqlite_path("http://127.0.0.1:5000")
+        (PosixPath('/tmp/mlflow.db'), None)
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    name = uri.removeprefix("sqlite:///").partition("?")[0]
+    if name in ("", ":memory:"):
+        return None
+    return Path(name).resolve()
+
+
+def _lock_file(database: Path) -> Path:
+    """A lock file for `database` in the temporary folder, named after its path."""
+    digest = hashlib.sha256(str(database).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"lkflow-sqlite-{digest}.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Holds an exclusive `flock` on `lock` for the block; a no-op where fcntl is missing."""
+    if os.name == "nt":  # no fcntl: MLflow itself migrates unlocked there
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
