@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 from typing_extensions import override
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 _STAGES = ("train", "val", "test")
 _NOT_HPARAMS = ["net", "loss_fn", "metrics", "optimizer", "lr_scheduler"]
+_SIGTERM_STATUS = 128 + signal.SIGTERM  # a shell's exit status for a process ended by SIGTERM
 
 
 class LightModel(pl.LightningModule):
@@ -326,7 +329,7 @@ class LightModel(pl.LightningModule):
         ckpt_dir: str | os.PathLike[str] = "checkpoints",
         callbacks: Iterable[Callback] = (),
         verbose: Literal[0, 1, 2] = 2,
-        track: bool = True,
+        track: bool | Callback = True,
         experiment_name: str | None = None,
         run_name: str | None = None,
         registered_model_name: str | Literal[False] | None = None,
@@ -350,7 +353,8 @@ class LightModel(pl.LightningModule):
             ckpt_dir: Where checkpoints go. Defaults to "checkpoints".
             callbacks: More Lightning callbacks. Defaults to ().
             verbose: 0 quiet, 1 Lightning's progress bar, 2 one line per epoch. Defaults to 2.
-            track: Log the fit to MLflow. Defaults to True.
+            track: Log the fit to MLflow: True, False, or an `lkflow.MLflowCallback` set up
+                beforehand (then leave the MLflow arguments below unset). Defaults to True.
             experiment_name: MLflow experiment. Defaults to None (MLflow's default).
             run_name: MLflow run name. Defaults to None (MLflow picks one).
             registered_model_name: Name to register the net under, or False not to.
@@ -378,23 +382,21 @@ class LightModel(pl.LightningModule):
             monitor=monitor,
             mode=mode,
             save_top_k=1,
-            save_last=True,
         )
-        fit_callbacks: list[Callback] = [checkpoint, *callbacks]
+        # Lightning's save_last writes last.ckpt only with a new best; this one writes it
+        # after every epoch, so that ckpt_path="last" resumes where the fit stopped.
+        latest = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
+            enable_version_counter=False,
+        )
+        fit_callbacks: list[Callback] = [checkpoint, latest, *callbacks]
         if patience is not None:
             fit_callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
         if verbose == 2:
             fit_callbacks.append(EpochLogger())
-        tracker = None
-        if track:
-            from lkflow.tracking import MLflowCallback
-
-            tracker = MLflowCallback(
-                experiment_name=experiment_name,
-                run_name=run_name,
-                registered_model_name=registered_model_name,
-                tracking_uri=tracking_uri,
-            )
+        tracker = _tracker(track, experiment_name, run_name, registered_model_name, tracking_uri)
+        if tracker is not None:
             fit_callbacks.append(tracker)
         with _quiet(verbose):
             trainer = _trainer(epochs, verbose, fit_callbacks, {**trainer_kwargs, **device_kwargs})
@@ -520,16 +522,56 @@ def _trainer(
     return pl.Trainer(**(options | kwargs), callbacks=callbacks)
 
 
+def _tracker(
+    track: bool | Callback,
+    experiment_name: str | None,
+    run_name: str | None,
+    registered_model_name: str | Literal[False] | None,
+    tracking_uri: str | None,
+) -> Callback | None:
+    """The MLflow callback of a fit: none, a new one, or the one passed as `track`."""
+    from lkflow.tracking import MLflowCallback
+
+    settings = {
+        "experiment_name": experiment_name,
+        "run_name": run_name,
+        "registered_model_name": registered_model_name,
+        "tracking_uri": tracking_uri,
+    }
+    if isinstance(track, MLflowCallback):
+        given = [f"{name}={value!r}" for name, value in settings.items() if value is not None]
+        if given:
+            raise LkflowError(
+                f"Received: track=MLflowCallback(...) and {', '.join(given)}. Pass these "
+                "settings to the MLflowCallback instead."
+            )
+        return track
+    if track is True:
+        return MLflowCallback(**settings)
+    if track is False:
+        return None
+    raise LkflowError(
+        f"Received: track={track!r}. Expected True, False or an lkflow.MLflowCallback."
+    )
+
+
 def _fit_passing_interrupts(
     trainer: pl.Trainer, model: LightModel, *args: Any, **kwargs: Any
 ) -> None:
-    """`trainer.fit`, except that Ctrl-C reaches the caller as the KeyboardInterrupt it was.
+    """`trainer.fit`, except that Ctrl-C reaches the caller as the KeyboardInterrupt it was,
+    and SIGTERM ends the process with status 143, as it would without Lightning.
 
     Lightning ends a fit interrupted by Ctrl-C with `sys.exit(1)` once the callbacks have seen
     the interrupt; that would end a notebook's kernel and hide the interrupt from the caller.
+    On SIGTERM its loops stop at the end of the batch with `SIGTERMException`, a `SystemExit`
+    with status 0, which tells a scheduler that the job succeeded.
     """
     try:
         trainer.fit(model, *args, **kwargs)
+    except SIGTERMException as exit_:
+        if exit_.code in (None, 0):
+            raise SIGTERMException(_SIGTERM_STATUS) from exit_
+        raise
     except SystemExit as exit_:
         if isinstance(exit_.__context__, KeyboardInterrupt):
             raise exit_.__context__ from None

@@ -265,7 +265,8 @@ class _NoLoss(LightModel):
 
 
 def fit_quietly(model, train, valid=None, **kwargs):
-    return model.fit(train, valid, track=False, verbose=0, **{"epochs": 1, "gpus": 0, **kwargs})
+    settings = {"epochs": 1, "gpus": 0, "track": False, **kwargs}
+    return model.fit(train, valid, verbose=0, **settings)
 
 
 def test_shared_step_without_a_loss_key(loaders):
@@ -404,3 +405,14 @@ class _Batches:
 def test_any_iterable_of_batches_trains(loaders):
     history = fit_quietly(keras_model(), *map(_Batches, loaders), epochs=2)
     assert len(history) == 2 and history["val_loss"].notna().all()
+
+
+def test_track_takes_a_callback_but_not_two_sets_of_settings(loaders):
+    with pytest.raises(
+        LkflowError, match=r"experiment_name='x'. Pass these settings to the MLflowCallback"
+    ):
+        fit_quietly(keras_model(), *loaders, track=lkflow.MLflowCallback(), experiment_name="x")
+    with pytest.raises(
+        LkflowError, match=r"track='yes'. Expected True, False or an lkflow.MLflowCallback"
+    ):
+        fit_quietly(keras_model(), *loaders, track="yes")

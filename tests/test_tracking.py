@@ -559,6 +559,28 @@ def test_resumed_fit_continues_the_same_run(tracking_uri: str, tmp_path: Path) -
         assert sorted(m.step for m in client.get_metric_history(tracker.run_id_, key)) == [0, 1, 2]
 
 
+def test_a_resumed_fit_may_run_more_epochs(tracking_uri: str, tmp_path: Path) -> None:
+    first = MLflowCallback(log_model=False)
+    plain_fit(first, tmp_path, 2)
+    tracker = MLflowCallback(log_model=False)
+    plain_fit(tracker, tmp_path, 4, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    run = MlflowClient(tracking_uri).get_run(first.run_id_)
+    assert tracker.run_id_ == first.run_id_ and run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2" and run.data.tags["lkflow.resumed_epochs"] == "4"
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+
+
+def test_a_clashing_param_leaves_an_ended_run_as_it_was(tracking_uri: str, tmp_path: Path) -> None:
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run("0").info.run_id
+    client.log_param(run_id, "epochs", "7")
+    client.set_terminated(run_id, "FINISHED")
+    with pytest.raises(LkflowError, match="epochs: '7' logged, '2' now"):
+        plain_fit(MLflowCallback(run_id=run_id, log_model=False), tmp_path)
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_ctrl_c_ends_the_run_killed(tracking_uri: str, tmp_path: Path) -> None:
     class Interrupt(pl.Callback):
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
