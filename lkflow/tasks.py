@@ -316,24 +316,24 @@ def run_task(
         >>> task = run_task("examples/rings.py:task", TaskOptions(), epochs=2)  # doctest: +SKIP
     """
     import pytorch_lightning as pl
-    from mlflow import get_tracking_uri
 
-    tracking_uri = tracking_uri or get_tracking_uri()  # once: the fit may change the global
+    from lkflow.tracking import MLflowCallback
+
     function = load_task(target)
     pl.seed_everything(_draw_seed() if options.seed is None else options.seed, verbose=False)
     task = build_task(function, options, target)
-    task.model.fit(
-        task.train_data,
-        task.val_data,
-        epochs=epochs,
-        gpus=gpus,
+    tracker = MLflowCallback(
         experiment_name=experiment_name,
         run_name=run_name,
         registered_model_name=registered_model_name,
         tracking_uri=tracking_uri,
-        **task.fit_kwargs,
+        params={"task": target, **{f"task.{k}": v for k, v in options.params.items()}},
     )
-    _log_task(task, target, options, tracking_uri)
+    task.model.fit(
+        task.train_data, task.val_data, epochs=epochs, gpus=gpus, track=tracker, **task.fit_kwargs
+    )
+    if task.report is not None:
+        tracker.log_figures(task.report(task.model))
     return task
 
 
@@ -341,25 +341,3 @@ def _draw_seed() -> int:
     import random
 
     return random.SystemRandom().randrange(2**31)
-
-
-def _log_task(task: Task, target: str, options: TaskOptions, tracking_uri: str) -> None:
-    """The target and `--param` values as params, and the report's figures, into the run."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
-    from lkflow.params import prepare_params, same_value
-
-    run_id = task.model.run_id
-    client = MlflowClient(tracking_uri)
-    params = {"task": target, **{f"task.{key}": value for key, value in options.params.items()}}
-    logged = client.get_run(run_id).data.params
-    new = {
-        key: value
-        for key, value in prepare_params(params).items()
-        if key not in logged or not same_value(logged[key], value)  # MLflow names a conflict
-    }
-    client.log_batch(run_id, params=[Param(key, value) for key, value in new.items()])
-    figures = task.report(task.model) if task.report is not None else {}
-    for name, figure in figures.items():
-        client.log_figure(run_id, figure, f"report/{name if '.' in name else name + '.png'}")
