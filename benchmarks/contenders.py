@@ -262,5 +262,5 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "lkflow_untracked": (*_LIGHTNING, *_LKFLOW),
     "lightning_mlflow": _MLFLOW,
     "autolog": _MLFLOW,
-    "lkflow_tracked": (*_MLFLOW, *_LKFLOW, "lkflow.tracking"),
+    "lkflow_tracked": (*_MLFLOW, *_LKFLOW, "lkflow.tracking", "torch.export"),
 }

@@ -7,8 +7,6 @@ import io
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,24 +20,18 @@ import torch
 from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+from servers import BIN, Server, free_port
 
 from lkflow import LkflowError
 from lkflow.cli import _best_version, _sorted, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RINGS = f"{ROOT}/examples/rings.py:task"
-BIN = Path(sys.executable).parent
 HEAVY = ("torch", "pytorch_lightning", "mlflow", "pandas", "matplotlib")
 
 
 def _invoke(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _one_error_line(result: Result) -> str:
@@ -182,7 +174,7 @@ def test_a_missing_store_is_named_and_not_created(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["runs", "train", "serve"])
 def test_an_unreachable_server_is_one_line_with_credentials_hidden(command: str) -> None:
-    uri = f"http://alice:s3cret@127.0.0.1:{_free_port()}"
+    uri = f"http://alice:s3cret@127.0.0.1:{free_port()}"
     args = {"runs": [], "train": [RINGS], "serve": ["rings-cli"]}[command]
     line = _one_error_line(_invoke(command, *args, "--tracking-uri", uri))
     assert "Cannot reach the MLflow tracking server at http://***@127.0.0.1:" in line
@@ -230,16 +222,14 @@ def test_serve_answers_the_example_request_with_the_best_version(
 ) -> None:
     client = MlflowClient(store)
     runs = client.search_runs(["1"], order_by=["metrics.best_val_loss ASC"])
-    port, log = _free_port(), tmp_path / "serve.log"
+    port = free_port()
     env = {**os.environ, "PATH": "/usr/bin:/bin"}  # the command puts its own bin dir first
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            [str(BIN / "lkflow"), "serve", "rings-cli", "--port", str(port), "--tracking-uri", store],
-            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", server, log)
-        printed = log.read_text()
+    command = [str(BIN / "lkflow"), "serve", "rings-cli", "--port", str(port)]
+    server = Server(
+        [*command, "--tracking-uri", store], tmp_path, f"http://127.0.0.1:{port}/ping", env
+    )
+    with server:
+        printed = server.output()
         assert f"run {runs[0].info.run_id}) at http://127.0.0.1:{port}/invocations" in printed
         payload = re.search(r"-d '(.+)'", printed).group(1)
         request = urllib.request.Request(
@@ -250,18 +240,3 @@ def test_serve_answers_the_example_request_with_the_best_version(
         with urllib.request.urlopen(request, timeout=30) as response:
             predictions = json.load(response)["predictions"]
         assert len(predictions) == 1 and 0.0 <= predictions[0][0] <= 1.0
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout_s} s:\n{log.read_text()}")

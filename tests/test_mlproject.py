@@ -6,16 +6,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from servers import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+
 ENTRY_PARAMS = {
     "epochs": "int",
     "gpus": "string",

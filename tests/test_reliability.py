@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_model_name
+from servers import free_port, mlflow_server
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy
@@ -630,23 +631,12 @@ class _WithToken(LightModel):
 def test_secrets_never_become_params_or_tags(
     tmp_path: Path, migrated_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_tracking import _server, free_port
-
     secret = "abc123"
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
     (tmp_path / "server").mkdir()
     port = free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    command = [
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        fresh_store(tmp_path / "server", migrated_store),
-    ]
-    command += ["--artifacts-destination", str(tmp_path / "served"), "-h", "127.0.0.1"]
-    command += ["-p", str(port), "-w", "1"]
-    with _server(command, tmp_path, env, f"http://127.0.0.1:{port}/health"):
+    backend = fresh_store(tmp_path / "server", migrated_store)
+    with mlflow_server(backend, tmp_path / "served", tmp_path, port):
         uri = f"http://alice:{secret}@127.0.0.1:{port}"
         net = Net()
         model = _WithToken(net, api_token=secret, loss_fn=nn.BCEWithLogitsLoss())

@@ -11,12 +11,10 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,6 +31,7 @@ from conftest import Net, fresh_store
 from mlflow import MlflowClient
 from mlflow.entities import Param
 from pytorch_lightning.callbacks import ModelCheckpoint
+from servers import BIN, Server, bin_path_env, free_port, mlflow_server
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAccuracy
@@ -98,12 +97,6 @@ def plain_fit(
 def net_predictions(net: nn.Module) -> np.ndarray:
     with torch.no_grad():
         return net.eval()(torch.tensor(X)).numpy()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -290,27 +283,10 @@ def test_registered_model_predicts_without_lkflow(tracked: Tracked, tmp_path: Pa
 @pytest.mark.slow
 def test_models_serve_answers_invocations(tracked: Tracked, tmp_path: Path) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracked.uri,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    command = [
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        "models:/rings-net/1",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-w",
-        "1",
-    ]
-    with _server(command, tmp_path, env, f"http://127.0.0.1:{port}/ping") as url:
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/rings-net/1"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = {**bin_path_env(), "MLFLOW_TRACKING_URI": tracked.uri}
+    with Server(command, tmp_path, f"http://127.0.0.1:{port}/ping", env) as url:
         status, answer = _post(f"{url}/invocations", {"inputs": X})
         assert status == 200, answer
         np.testing.assert_allclose(
@@ -322,47 +298,6 @@ def test_models_serve_answers_invocations(tracked: Tracked, tmp_path: Path) -> N
         status, answer = _post(f"{url}/invocations", {"inputs": [[1.0, 2.0, 3.0]]})
         assert 400 <= status < 500
         assert "shape" in answer["message"].lower()
-
-
-class _server:
-    """A server started by the test in its own process group, stopped (only it) on exit."""
-
-    def __init__(self, command: list[str], cwd: Path, env: dict[str, str], ready_url: str) -> None:
-        self.command, self.cwd, self.env, self.ready_url = command, cwd, env, ready_url
-
-    def __enter__(self) -> str:
-        self.log = open(self.cwd / "server.log", "w")  # closed in __exit__
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=self.cwd,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(self.ready_url, timeout=2):
-                    return self.ready_url.rsplit("/", 1)[0]
-            except OSError:
-                time.sleep(0.3)
-        self.__exit__()
-        raise AssertionError(
-            f"{self.command[:3]} did not start:\n{(self.cwd / 'server.log').read_text()[-3000:]}"
-        )
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -382,26 +317,7 @@ def test_fit_logs_to_a_tracking_server(
 ) -> None:
     (tmp_path / "server").mkdir()
     backend = fresh_store(tmp_path / "server", migrated_store)
-    port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    command = [
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        backend,
-        "--artifacts-destination",
-        str(tmp_path / "served"),
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-w",
-        "1",
-    ]
-    with _server(command, tmp_path, env, f"http://127.0.0.1:{port}/health") as url:
+    with mlflow_server(backend, tmp_path / "served", tmp_path) as url:
         model = fit(make_model(), experiment_name="served", tracking_uri=url)
         client = MlflowClient(url)
         run = client.get_run(model.run_id)
