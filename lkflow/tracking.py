@@ -32,13 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import hashlib
-import json
 import os
-import shutil
-import sys
-import sysconfig
 import tempfile
 import time
 import traceback
@@ -53,6 +47,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lkflow.artifacts import dataset_record, save_model, summary_text, write_artifacts
 from lkflow.checks import check_registered_model_name
 from lkflow.errors import LkflowError
 from lkflow.outbox import DEFAULT_DIR, Entry, Outbox, State, deliver
@@ -83,7 +78,6 @@ _DEFAULT_EXPERIMENT = "Default"
 _TRACEBACK_LINES = 40  # the last lines of a failed fit's traceback kept in traceback.txt
 _ERROR_TAG_LENGTH = 500  # the longest `lkflow.error` tag
 _EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input example
-_DIGEST_ROWS = 16  # rows hashed for a dataset's digest
 
 
 class MLflowCallback(pl.Callback):
@@ -480,7 +474,7 @@ class MLflowCallback(pl.Callback):
         datasets = [
             {**dataset, "context": context}
             for context, loader in loaders.items()
-            if (dataset := _dataset_record(getattr(loader, "dataset", None))) is not None
+            if (dataset := dataset_record(getattr(loader, "dataset", None))) is not None
         ]
         if datasets:
             self._send({"op": "inputs", "datasets": datasets})
@@ -519,10 +513,10 @@ class MLflowCallback(pl.Callback):
         best = _best(trainer, pl_module.history)
         net = _best_net(pl_module, best.state_dict)
         example = None if self._example is None else self._example.cpu()
-        table = _summary_table(net, example)
+        table = summary_text(net, example)
         with tempfile.TemporaryDirectory() as temporary:
             folder = Path(temporary) / "artifacts"  # its files go to the run's artifact root
-            _write_artifacts(folder, pl_module.history, net.state_dict(), table)
+            write_artifacts(folder, pl_module.history, net.state_dict(), table)
             self._send({"op": "artifacts", "paths": [str(folder)], "artifact_path": None})
         self._log_checkpoints(trainer)
         if self.log_model:
@@ -573,7 +567,7 @@ class MLflowCallback(pl.Callback):
 
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model"
-            _save_model(net, example, path, Model(run_id=self.run_id_))
+            save_model(net, example, path, Model(run_id=self.run_id_))
             entry = {
                 "op": "model",
                 "path": str(path),
@@ -667,138 +661,6 @@ def _best_net(pl_module: pl.LightningModule, state_dict: dict | None) -> nn.Modu
         own = {key[len(prefix) :]: v for key, v in state_dict.items() if key.startswith(prefix)}
         net.load_state_dict(own)
     return net
-
-
-def _dataset_record(dataset: Any) -> dict[str, str] | None:
-    """The fields of an MLflow Dataset of a map-style dataset: its rows and a digest of a
-    sample of them; None for a dataset without length or indexing."""
-    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-        return None
-    rows = len(dataset)
-    digest = hashlib.sha256(f"{type(dataset).__name__}:{rows}".encode())
-    for index in sorted({i * rows // _DIGEST_ROWS for i in range(min(rows, _DIGEST_ROWS))}):
-        for item in _leaves(dataset[index]):
-            digest.update(item)
-    return {
-        "name": type(dataset).__name__,
-        "digest": digest.hexdigest()[:12],
-        "source_type": "code",
-        "source": json.dumps({"tags": {}}),
-        "profile": json.dumps({"num_rows": rows}),
-    }
-
-
-def _leaves(item: Any) -> Iterator[bytes]:
-    """Bytes of a dataset row's tensors, arrays and plain values, depth first."""
-    if isinstance(item, torch.Tensor):
-        yield item.detach().cpu().contiguous().numpy().tobytes()
-    elif isinstance(item, Mapping):
-        for key in sorted(item, key=str):
-            yield str(key).encode()
-            yield from _leaves(item[key])
-    elif isinstance(item, (tuple, list)):
-        for value in item:
-            yield from _leaves(value)
-    elif hasattr(item, "tobytes"):
-        yield item.tobytes()
-    else:
-        yield repr(item).encode()
-
-
-def _summary_table(net: nn.Module, example: torch.Tensor | None) -> str:
-    """The layer table of the net on the example's shape, or "" without an example."""
-    if example is None or example.ndim < 1:
-        return ""
-    from lkflow.summary_table import summary
-
-    shape = tuple(example.shape[1:])
-    return str(summary(net, input_shape=shape, dtype=example.dtype, print_fn=None))
-
-
-def _write_artifacts(
-    folder: Path, history: Sequence[Mapping[str, Any]], state_dict: Mapping[str, Any], table: str
-) -> None:
-    """net/state_dict.pt, history.csv, curves.png and summary.txt, in a new `folder`."""
-    (folder / "net").mkdir(parents=True)
-    torch.save(dict(state_dict), folder / "net" / "state_dict.pt")
-    if history:
-        columns = list(dict.fromkeys(key for row in history for key in row))
-        with open(folder / "history.csv", "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(history)
-        from lkflow.plots import plot_history
-
-        plot_history(list(history)).savefig(folder / "curves.png", dpi=100)
-    if table:
-        (folder / "summary.txt").write_text(table + "\n")
-
-
-def _save_model(
-    net: nn.Module, example: torch.Tensor | None, path: Path, mlflow_model: Any
-) -> None:
-    """The net saved as an MLflow model: torch.export (pt2), or a pickle where export fails."""
-    import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
-
-    example_array = None if example is None else example.numpy()
-    options = {
-        "mlflow_model": mlflow_model,
-        "input_example": example_array,
-        "pip_requirements": _requirements(),
-    }
-    if example_array is not None:
-        try:
-            mlflow.pytorch.save_model(net, path, serialization_format="pt2", **options)
-            _load_on_cpu(path)
-            return
-        except (RuntimeError, MlflowException) as err:  # torch.export could not trace the net
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        reason = "the first batch has no input tensor to export with"
-    warnings.warn(
-        f"torch.export could not export {type(net).__name__} ({reason}). The MLflow model is "
-        "a pickle fallback with the net's code; loading it needs "
-        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true and trust in its source.",
-        stacklevel=2,
-    )
-    mlflow.pytorch.save_model(
-        net, path, serialization_format="pickle", code_paths=_code_paths(net), **options
-    )
-
-
-def _load_on_cpu(path: Path) -> None:
-    """A pt2 archive keeps the CPU weights it was exported with, and MLflow 3.17 loads a pyfunc
-    on CUDA wherever there is one, where these weights fail: the pyfunc flavor asks for CPU."""
-    from mlflow.models import Model
-
-    model = Model.load(path)
-    model.flavors["python_function"]["model_config"] = {"device": "cpu"}
-    model.save(path / "MLmodel")
-
-
-def _requirements() -> list[str]:
-    """Pinned requirements from the installed versions, without local labels like +cpu."""
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
-    names = ("mlflow", "torch", "cloudpickle")
-    return [f"{name}=={Version(version(name)).public}" for name in names]
-
-
-def _code_paths(net: nn.Module) -> list[str]:
-    """The file or top-level package that defines the net's class, unless it is installed."""
-    top = type(net).__module__.split(".")[0]
-    module = sys.modules.get(top)
-    file = getattr(module, "__file__", None)
-    if top == "__main__" or file is None:
-        return []
-    installed = {sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib")}
-    if any(Path(file).resolve().is_relative_to(Path(p).resolve()) for p in installed):
-        return []
-    return [str(Path(file).parent if Path(file).name == "__init__.py" else Path(file))]
 
 
 def _lkflow_version() -> str:
