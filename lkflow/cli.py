@@ -15,37 +15,22 @@ the traceback. Torch, Lightning, MLflow, pandas and matplotlib load inside the c
 from __future__ import annotations
 
 import os
-import re
 import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import click
 
+from lkflow import registry
+from lkflow import runs as listing
 from lkflow.errors import LkflowError
 from lkflow.outbox import DEFAULT_DIR
 from lkflow.store import check_reachable
 
 if TYPE_CHECKING:
-    import pandas as pd
-    from matplotlib.figure import Figure
     from mlflow import MlflowClient
-    from mlflow.entities import Run
-    from mlflow.entities.model_registry import ModelVersion
 
-# Params shown by `lkflow runs`, as logged by lkflow (MLflowCallback, `lkflow train`) -> column.
-_KEY_PARAMS = {
-    "task": "task",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "optimizer.lr": "lr",
-    "seed": "seed",
-}
-# Words of metric names that are better higher (as Keras' mode="auto" reads them).
-_HIGHER_IS_BETTER = ("acc", "auc", "f1", "precision", "recall", "iou", "dice", "r2", "map")
 _TRACKING_URI_HELP = (
     "MLflow tracking URI. Defaults to MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
 )
@@ -199,7 +184,9 @@ def runs(
     lkflow runs --csv > runs.csv
     """
     client = _client(tracking_uri)
-    experiments = [_experiment(client, experiment)] if experiment else client.search_experiments()
+    experiments = (
+        [listing.experiment(client, experiment)] if experiment else client.search_experiments()
+    )
     found = client.search_runs(
         [e.experiment_id for e in experiments],
         max_results=max_runs,
@@ -211,107 +198,16 @@ def runs(
         return
     several = len({run.info.experiment_id for run in found}) > 1
     names = {e.experiment_id: e.name for e in experiments} if several else {}
-    table = _sorted(_runs_frame(found, names), sort)
+    table = listing.sort_runs(listing.runs_frame(found, names), sort)
     if as_csv:
         click.echo(table.to_csv(index=False), nl=False)
     else:
         shown = table.astype(object).where(table.notna(), None)
         cells = [
-            [_cell(column, value) for column, value in row.items()] for _, row in shown.iterrows()
+            [listing.cell(column, value) for column, value in row.items()]
+            for _, row in shown.iterrows()
         ]
-        click.echo(_text_table([list(table.columns), *cells]))
-
-
-def _experiment(client: MlflowClient, name: str) -> Any:
-    found = client.get_experiment_by_name(name)
-    if found is None:
-        known = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise LkflowError(
-            f"Received: experiment {name!r}, which is not at {_uri(client)}. "
-            f"Experiments there: {known}."
-        )
-    return found
-
-
-def _runs_frame(found: Sequence[Run], experiment_names: dict[str, str]) -> pd.DataFrame:
-    """One row per run: name, id, status, start, duration (s), key params, monitor, best."""
-    import pandas as pd
-
-    rows = []
-    for run in found:
-        info, data = run.info, run.data
-        end_ms = info.end_time or int(time.time() * 1000)
-        monitor, best = _best_metric(data.metrics)
-        params = {label: data.params.get(key) for key, label in _KEY_PARAMS.items()}
-        task_params = {k: v for k, v in data.params.items() if k.startswith("task.")}
-        rows.append(
-            {
-                "run": info.run_name,
-                "id": info.run_id[:8],
-                "experiment": experiment_names.get(info.experiment_id),
-                "status": info.status,
-                "start": pd.Timestamp.fromtimestamp(info.start_time / 1000),  # local time
-                "duration": (end_ms - info.start_time) / 1000,
-                **params,
-                **task_params,
-                "monitor": monitor,
-                "best": best,
-            }
-        )
-    return pd.DataFrame(rows).dropna(axis="columns", how="all")
-
-
-def _best_metric(metrics: dict[str, float]) -> tuple[str | None, float | None]:
-    """The `best_<monitor>` metric that MLflowCallback logs, as (monitor, value)."""
-    for key, value in metrics.items():
-        if key.startswith("best_") and key != "best_epoch":
-            return key.removeprefix("best_"), value
-    return None, None
-
-
-def _mode(monitor: str, recorded: str | None = None) -> str:
-    """The mode of `monitor`: the recorded one, else "max" for accuracy-like names, else "min"."""
-    if recorded in ("min", "max"):
-        return recorded
-    words = re.split(r"[^a-z0-9]+", monitor.lower())
-    return "max" if any(word in _HIGHER_IS_BETTER for word in words) else "min"
-
-
-def _sorted(table: pd.DataFrame, sort: str) -> pd.DataFrame:
-    import pandas as pd
-
-    column = sort.removeprefix("-")
-    if column not in table.columns:
-        raise LkflowError(
-            f"Received: --sort {sort!r}. Expected a column: {', '.join(table.columns)}."
-        )
-    values = table[column]
-    if column == "best":  # best first: a max-mode value counts negated
-        sign = table["monitor"].map(lambda monitor: -1 if _mode(str(monitor)) == "max" else 1)
-        values = values * sign
-    elif column != "start" and not pd.api.types.is_numeric_dtype(values):
-        numbers = pd.to_numeric(values, errors="coerce")
-        values = numbers if numbers.notna().sum() == values.notna().sum() else values.astype(str)
-    descending = (column == "start") != sort.startswith("-")
-    order = values.sort_values(ascending=not descending, na_position="last", kind="stable")
-    return table.loc[order.index]
-
-
-def _duration(seconds: float) -> str:
-    minutes, rest = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{rest:02d}s"
-
-
-def _cell(column: str, value: Any) -> str:
-    """A runs-table value as text: start to the minute, duration as 1m05s, best to 4 places."""
-    if value is None:
-        return ""
-    if column == "start":
-        return value.strftime("%Y-%m-%d %H:%M")
-    if column == "duration":
-        return _duration(value)
-    return f"{value:.4f}" if column == "best" else str(value)
+        click.echo(listing.text_table([list(table.columns), *cells]))
 
 
 # ---- compare ------------------------------------------------------------------------------
@@ -337,95 +233,16 @@ def compare(run_refs: tuple[str, ...], metric: str, out: Path, tracking_uri: str
     Params that differ between the runs are marked with *.
     """
     client = _client(tracking_uri)
-    found = [_find_run(client, ref) for ref in run_refs]
-    labels = _labels(found)
+    found = [listing.find_run(client, ref) for ref in run_refs]
+    names = listing.labels(found)
     curves = {
-        label: _history(client, run, metric) for label, run in zip(labels, found, strict=True)
+        label: listing.metric_history(client, run, metric)
+        for label, run in zip(names, found, strict=True)
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    _plot_curves(curves, metric).savefig(out, dpi=100)
-    click.echo(_params_table(found, labels))
+    listing.plot_curves(curves, metric).savefig(out, dpi=100)
+    click.echo(listing.params_table(found, names))
     click.echo(f"\nWrote {metric} curves of {len(found)} runs to {out}")
-
-
-def _find_run(client: MlflowClient, ref: str) -> Run:
-    """The run named `ref`, or whose id is (or, unambiguously, starts with) `ref`."""
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    quote = '"' if "'" in ref else "'"
-    named = client.search_runs(
-        experiment_ids, f"attributes.run_name = {quote}{ref}{quote}", max_results=10
-    )
-    candidates = list(named)
-    if not candidates and re.fullmatch(r"[0-9a-f]{4,32}", ref):
-        every = client.search_runs(experiment_ids, max_results=5000)
-        candidates = [run for run in every if run.info.run_id.startswith(ref)]
-    if len(candidates) == 1:
-        return candidates[0]
-    if candidates:
-        ids = ", ".join(run.info.run_id for run in candidates)
-        raise LkflowError(
-            f"Received: run {ref!r}, which names {len(candidates)} runs: {ids}. Pass one run id."
-        )
-    raise LkflowError(
-        f"Received: run {ref!r}, which is no run name or id at {_uri(client)}. "
-        "`lkflow runs` lists the runs."
-    )
-
-
-def _labels(found: Sequence[Run]) -> list[str]:
-    """Run names, with the id's start added where two runs share a name."""
-    names = [run.info.run_name or run.info.run_id[:8] for run in found]
-    return [
-        f"{name} ({run.info.run_id[:8]})" if names.count(name) > 1 else name
-        for name, run in zip(names, found, strict=True)
-    ]
-
-
-def _history(client: MlflowClient, run: Run, metric: str) -> list[tuple[int, float]]:
-    history = client.get_metric_history(run.info.run_id, metric)
-    if not history:
-        logged = ", ".join(sorted(run.data.metrics)) or "none"
-        raise LkflowError(
-            f"Received: --metric {metric!r}, which run {run.info.run_name or run.info.run_id} "
-            f"did not log. Its metrics: {logged}."
-        )
-    return sorted((point.step, point.value) for point in history)
-
-
-def _plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str) -> Figure:
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = figure.subplots()
-    for label, points in curves.items():
-        steps, values = zip(*points, strict=True)
-        ax.plot([step + 1 for step in steps], values, "o-", label=label)  # epoch 0 is the 1st
-    ax.set(title=f"{metric} by epoch", xlabel="Epochs", ylabel=metric)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend()
-    return figure
-
-
-def _params_table(found: Sequence[Run], labels: Sequence[str]) -> str:
-    """Params side by side, left-aligned; rows whose values differ come first, marked `*`."""
-    keys = sorted({key for run in found for key in run.data.params})
-    rows = [[run.data.params.get(key, "-") for run in found] for key in keys]
-    marked = [
-        (f"* {key}" if len(set(row)) > 1 else f"  {key}", row)
-        for key, row in zip(keys, rows, strict=True)
-    ]
-    marked.sort(key=lambda item: not item[0].startswith("*"))  # stable: differing first
-    return _text_table([["  param", *labels], *([name, *row] for name, row in marked)])
-
-
-def _text_table(lines: list[list[str]]) -> str:
-    """Rows of cells as left-aligned columns two spaces apart."""
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
 
 
 # ---- serve --------------------------------------------------------------------------------
@@ -448,10 +265,10 @@ def serve(model_spec: str, port: int, host: str, tracking_uri: str | None) -> No
     lkflow serve rings-net@champion
     """
     client = _client(tracking_uri)
-    version, why = _model_version(client, model_spec)
+    version, why = registry.model_version(client, model_spec)
     model_uri = f"models:/{version.name}/{version.version}"
     url = f"http://{host}:{port}/invocations"
-    payload = _example_request(client, version)
+    payload = registry.example_request(client, version)
     click.echo(f"Serving {model_uri} ({why}; run {version.run_id}) at {url}")
     click.echo(f"Try: curl -X POST {url} -H 'Content-Type: application/json' -d '{payload}'")
     sys.stdout.flush()
@@ -464,89 +281,6 @@ def serve(model_spec: str, port: int, host: str, tracking_uri: str | None) -> No
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
     command += ["--env-manager", "local", "-h", host, "-p", str(port)]
     os.execve(sys.executable, command, env)
-
-
-def _model_version(client: MlflowClient, spec: str) -> tuple[ModelVersion, str]:
-    """The version `spec` names, or the best by its recorded metric; and why it was chosen."""
-    from mlflow.exceptions import MlflowException
-
-    match = re.fullmatch(r"(?:models:/)?([^/@]+)(?:/(\d+)|@([\w.-]+))?", spec.strip())
-    if match is None:
-        raise LkflowError(
-            f"Received: model {spec!r}. Expected NAME, NAME/VERSION or NAME@ALIAS, such as "
-            "rings-net, rings-net/3 or rings-net@champion."
-        )
-    name, number, alias = match.groups()
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias), f"alias @{alias}"
-        if number:
-            return client.get_model_version(name, number), "the version asked for"
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise _unknown_model(client, spec, name) from err
-    if not versions:
-        raise _unknown_model(client, spec, name)
-    return _best_version(versions)
-
-
-def _unknown_model(client: MlflowClient, spec: str, name: str) -> LkflowError:
-    models = {model.name: model for model in client.search_registered_models()}
-    if name in models:
-        versions = client.search_model_versions(f"name = '{name}'")
-        numbers = ", ".join(str(n) for n in sorted(int(v.version) for v in versions)) or "none"
-        aliases = ", ".join(f"@{alias}" for alias in models[name].aliases) or "none"
-        return LkflowError(
-            f"Received: model {spec!r}, but {name} has no such version or alias at "
-            f"{_uri(client)}. Its versions: {numbers}; aliases: {aliases}."
-        )
-    return LkflowError(
-        f"Received: model {spec!r}, which is not registered at {_uri(client)}. "
-        f"Registered models: {', '.join(models) or 'none'}."
-    )
-
-
-def _best_version(versions: Sequence[ModelVersion]) -> tuple[ModelVersion, str]:
-    """The best version by its `monitor_value` tag, among those with the newest's monitor."""
-    newest = max(versions, key=lambda v: int(v.version))
-    monitor = newest.tags.get("monitor")
-    scored = [v for v in versions if v.tags.get("monitor") == monitor and "monitor_value" in v.tags]
-    if not monitor or not scored:
-        return newest, "the newest version: no recorded metric"
-    mode = _mode(monitor, newest.tags.get("mode"))
-    sign = 1 if mode == "min" else -1
-    best = min(scored, key=lambda v: (sign * float(v.tags["monitor_value"]), -int(v.version)))
-    value = float(best.tags["monitor_value"])
-    count = f"{len(scored)} version{'s' if len(scored) > 1 else ''}"
-    return best, f"best {monitor}={value:.4g} ({mode}) of {count}"
-
-
-def _example_request(client: MlflowClient, version: ModelVersion) -> str:
-    """The model's logged serving example cut to one row, else a placeholder."""
-    import json
-
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    source = client.get_model_version_download_uri(version.name, version.version)
-    try:
-        path = mlflow.artifacts.download_artifacts(
-            f"{source.rstrip('/')}/serving_input_example.json", tracking_uri=client.tracking_uri
-        )
-    except (MlflowException, OSError):  # a model logged without an input example
-        return '{"inputs": [[...]]}'
-    example = json.loads(Path(path).read_text())
-    if isinstance(example.get("inputs"), list):
-        example["inputs"] = _rounded(example["inputs"][:1])
-    return json.dumps(example, separators=(",", ":"))
-
-
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 4)
-    return [_rounded(item) for item in value] if isinstance(value, list) else value
 
 
 # ---- sync ---------------------------------------------------------------------------------

@@ -10,11 +10,8 @@ values over the whole data set.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import signal
-import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,7 +19,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 from typing_extensions import override
 
@@ -32,6 +28,7 @@ from lkflow.epoch_values import EpochValues, each_row_once, rows_in
 from lkflow.errors import LkflowError
 from lkflow.layers import naming_the_failing_layer
 from lkflow.progress import EpochLogger
+from lkflow.trainer import build_trainer, fit_passing_interrupts, quiet, tracker_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,7 +36,6 @@ if TYPE_CHECKING:
 
 _STAGES = ("train", "val", "test")
 _NOT_HPARAMS = ["net", "loss_fn", "metrics", "optimizer", "lr_scheduler"]
-_SIGTERM_STATUS = 128 + signal.SIGTERM  # a shell's exit status for a process ended by SIGTERM
 
 
 class LightModel(pl.LightningModule):
@@ -395,14 +391,16 @@ class LightModel(pl.LightningModule):
             fit_callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
         if verbose == 2:
             fit_callbacks.append(EpochLogger())
-        tracker = _tracker(track, experiment_name, run_name, registered_model_name, tracking_uri)
+        tracker = tracker_of(track, experiment_name, run_name, registered_model_name, tracking_uri)
         if tracker is not None:
             fit_callbacks.append(tracker)
-        with _quiet(verbose):
-            trainer = _trainer(epochs, verbose, fit_callbacks, {**trainer_kwargs, **device_kwargs})
+        with quiet(verbose):
+            trainer = build_trainer(
+                epochs, verbose, fit_callbacks, {**trainer_kwargs, **device_kwargs}
+            )
             if val_data is not None:
                 val_data = each_row_once("val_data", val_data, trainer, trainer_kwargs)
-            _fit_passing_interrupts(trainer, self, train_data, val_data, ckpt_path=ckpt_path)
+            fit_passing_interrupts(trainer, self, train_data, val_data, ckpt_path=ckpt_path)
         if tracker is not None:
             self.run_id = tracker.run_id_
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
@@ -451,8 +449,8 @@ class LightModel(pl.LightningModule):
         """
         check_loader("data", data)
         device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
-        with _quiet(0):
-            trainer = _trainer(1, 0, [], {**trainer_kwargs, **device_kwargs})
+        with quiet(0):
+            trainer = build_trainer(1, 0, [], {**trainer_kwargs, **device_kwargs})
             data = each_row_once("data", data, trainer, trainer_kwargs)
             (results,) = trainer.test(self, dataloaders=data, verbose=False)
         return {key.removeprefix("test_"): value for key, value in results.items()}
@@ -507,97 +505,3 @@ def _first_lr(optimizers: list[torch.optim.Optimizer]) -> float | None:
     if not optimizers:
         return None
     return float(optimizers[0].param_groups[0]["lr"])
-
-
-def _trainer(
-    epochs: int, verbose: int, callbacks: list[Callback], kwargs: dict[str, Any]
-) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "max_epochs": epochs,
-        "logger": False,
-        "enable_model_summary": False,
-        "enable_progress_bar": verbose == 1,
-        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
-    }
-    return pl.Trainer(**(options | kwargs), callbacks=callbacks)
-
-
-def _tracker(
-    track: bool | Callback,
-    experiment_name: str | None,
-    run_name: str | None,
-    registered_model_name: str | Literal[False] | None,
-    tracking_uri: str | None,
-) -> Callback | None:
-    """The MLflow callback of a fit: none, a new one, or the one passed as `track`."""
-    from lkflow.tracking import MLflowCallback
-
-    settings = {
-        "experiment_name": experiment_name,
-        "run_name": run_name,
-        "registered_model_name": registered_model_name,
-        "tracking_uri": tracking_uri,
-    }
-    if isinstance(track, MLflowCallback):
-        given = [f"{name}={value!r}" for name, value in settings.items() if value is not None]
-        if given:
-            raise LkflowError(
-                f"Received: track=MLflowCallback(...) and {', '.join(given)}. Pass these "
-                "settings to the MLflowCallback instead."
-            )
-        return track
-    if track is True:
-        return MLflowCallback(**settings)
-    if track is False:
-        return None
-    raise LkflowError(
-        f"Received: track={track!r}. Expected True, False or an lkflow.MLflowCallback."
-    )
-
-
-def _fit_passing_interrupts(
-    trainer: pl.Trainer, model: LightModel, *args: Any, **kwargs: Any
-) -> None:
-    """`trainer.fit`, except that Ctrl-C reaches the caller as the KeyboardInterrupt it was,
-    and SIGTERM ends the process with status 143, as it would without Lightning.
-
-    Lightning ends a fit interrupted by Ctrl-C with `sys.exit(1)` once the callbacks have seen
-    the interrupt; that would end a notebook's kernel and hide the interrupt from the caller.
-    On SIGTERM its loops stop at the end of the batch with `SIGTERMException`, a `SystemExit`
-    with status 0, which tells a scheduler that the job succeeded.
-    """
-    try:
-        trainer.fit(model, *args, **kwargs)
-    except SIGTERMException as exit_:
-        if exit_.code in (None, 0):
-            raise SIGTERMException(_SIGTERM_STATUS) from exit_
-        raise
-    except SystemExit as exit_:
-        if isinstance(exit_.__context__, KeyboardInterrupt):
-            raise exit_.__context__ from None
-        raise
-
-
-@contextlib.contextmanager
-def _quiet(verbose: int) -> Iterator[None]:
-    """Silences Lightning's start-up chatter and its data-loader advice unless `verbose == 1`."""
-    if verbose == 1:
-        yield
-        return
-    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings(
-            "ignore", message=".*Checkpoint directory .* exists and is not empty.*"
-        )
-        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
-        # epoch values are already summed across processes before they are logged
-        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)

@@ -251,7 +251,7 @@ class MLflowCallback(pl.Callback):
         status = "FAILED" if isinstance(exception, Exception) else "KILLED"  # Ctrl-C, SIGTERM
         with _carry_on("log the history and checkpoints of the failed fit"):
             self._log_rows(pl_module)
-            self._log_checkpoints(trainer)
+            self._log_checkpoints(trainer, last=True)
         with _carry_on("log the error of the failed fit"):
             self._log_error(exception)
         with _carry_on(f"end run {self.run_id_} {status}"):
@@ -518,7 +518,7 @@ class MLflowCallback(pl.Callback):
             folder = Path(temporary) / "artifacts"  # its files go to the run's artifact root
             write_artifacts(folder, pl_module.history, net.state_dict(), table)
             self._send({"op": "artifacts", "paths": [str(folder)], "artifact_path": None})
-        self._log_checkpoints(trainer)
+        self._log_checkpoints(trainer, last=False)
         if self.log_model:
             model_id = self._log_model(net, example, best.epoch)
             self.model_uri_ = None if model_id is None else f"models:/{model_id}"
@@ -549,13 +549,17 @@ class MLflowCallback(pl.Callback):
         if values:
             self._log_metrics(values, to_model)
 
-    def _log_checkpoints(self, trainer: pl.Trainer) -> None:
-        """The best and the last checkpoint files of every checkpoint callback of the fit."""
-        paths = {
-            getattr(checkpoint, f"{which}_model_path", "")
-            for checkpoint in trainer.checkpoint_callbacks
-            for which in ("best", "last")
-        }
+    def _log_checkpoints(self, trainer: pl.Trainer, *, last: bool) -> None:
+        """The best checkpoint; with `last`, also every checkpoint callback's best and last
+        files, which a fit that stopped resumes from."""
+        monitored = trainer.checkpoint_callback
+        paths = {getattr(monitored, "best_model_path", "")}
+        if last:
+            paths |= {
+                getattr(checkpoint, f"{which}_model_path", "")
+                for checkpoint in trainer.checkpoint_callbacks
+                for which in ("best", "last")
+            }
         paths = sorted(p for p in paths if p and os.path.isfile(p))
         if paths:
             self._send({"op": "artifacts", "paths": paths, "artifact_path": "checkpoints"})

@@ -23,7 +23,9 @@ from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from servers import BIN, Server, free_port
 
 from lkflow import LkflowError
-from lkflow.cli import _best_version, _sorted, main
+from lkflow.cli import main
+from lkflow.registry import best_version
+from lkflow.runs import sort_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RINGS = f"{ROOT}/examples/rings.py:task"
@@ -109,9 +111,9 @@ def test_runs_as_csv_sorted_by_best_or_by_a_param(store: str) -> None:
 
 def test_sorting_reads_numeric_params_as_numbers_and_flips_with_a_minus() -> None:
     table = pd.DataFrame({"run": ["a", "b", "c"], "epochs": ["10", "2", None]})
-    assert list(_sorted(table, "epochs")["run"]) == ["b", "a", "c"]
-    assert list(_sorted(table, "-epochs")["run"]) == ["a", "b", "c"]
-    assert list(_sorted(table, "-run")["run"]) == ["c", "b", "a"]
+    assert list(sort_runs(table, "epochs")["run"]) == ["b", "a", "c"]
+    assert list(sort_runs(table, "-epochs")["run"]) == ["a", "b", "c"]
+    assert list(sort_runs(table, "-run")["run"]) == ["c", "b", "a"]
 
 
 def test_compare_writes_the_figure_and_marks_differing_params(store: str, tmp_path: Path) -> None:
@@ -203,23 +205,21 @@ def _version(number: int, **tags: str) -> ModelVersion:
 def test_best_version_follows_the_metric_mode() -> None:
     losses = [_version(1, monitor="val_loss", monitor_value="0.3"), _version(2)]
     losses.append(_version(3, monitor="val_loss", monitor_value="0.2"))
-    assert _best_version(losses)[0].version == 3
+    assert best_version(losses)[0].version == 3
     accs = [_version(n, monitor="val_acc", monitor_value=v) for n, v in ((1, ".9"), (2, ".8"))]
-    assert _best_version(accs)[0].version == 1
+    assert best_version(accs)[0].version == 1
     recorded = [
         _version(n, monitor="score", monitor_value=v, mode="max") for n, v in ((1, "1"), (2, "2"))
     ]
-    assert _best_version(recorded)[0].version == 2
-    assert _best_version([_version(1), _version(2)]) == (
+    assert best_version(recorded)[0].version == 2
+    assert best_version([_version(1), _version(2)]) == (
         _version(2),
         "the newest version: no recorded metric",
     )
 
 
 @pytest.mark.slow
-def test_serve_answers_the_example_request_with_the_best_version(
-    store: str, tmp_path: Path
-) -> None:
+def test_serve_answers_the_example_request_with_thebest_version(store: str, tmp_path: Path) -> None:
     client = MlflowClient(store)
     runs = client.search_runs(["1"], order_by=["metrics.best_val_loss ASC"])
     port = free_port()

@@ -177,8 +177,10 @@ def test_artifacts(tracked: Tracked, tmp_path: Path) -> None:
     client, run_id = tracked.client, tracked.run_id
     top = {a.path for a in client.list_artifacts(run_id)}
     assert top == {"checkpoints", "net", "history.csv", "curves.png", "summary.txt"}
-    checkpoints = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints")}
-    assert "last.ckpt" in checkpoints and len(checkpoints) == 2
+    (best,) = client.list_artifacts(run_id, "checkpoints")  # a finished fit keeps the best
+    assert (
+        Path(best.path).name == Path(tracked.model.trainer.checkpoint_callback.best_model_path).name
+    )
     folder = Path(client.download_artifacts(run_id, "", str(tmp_path)))
     net = Net()
     net.load_state_dict(torch.load(folder / "net" / "state_dict.pt", weights_only=True))

@@ -1,0 +1,206 @@
+"""Runs of a tracking store as tables and figures: what `lkflow runs` and `lkflow compare` show.
+
+table = sort_runs(runs_frame(client.search_runs([...]), {}), "best")
+figure = plot_curves({"calm-owl-12": metric_history(client, run, "val_loss")}, "val_loss")
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from lkflow.errors import LkflowError
+from lkflow.params import hide_credentials
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+# Params shown by `lkflow runs`, as logged by lkflow (MLflowCallback, `lkflow train`) -> column.
+_KEY_PARAMS = {
+    "task": "task",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "optimizer.lr": "lr",
+    "seed": "seed",
+}
+# Words of metric names that are better higher (as Keras' mode="auto" reads them).
+_HIGHER_IS_BETTER = ("acc", "auc", "f1", "precision", "recall", "iou", "dice", "r2", "map")
+
+
+def experiment(client: MlflowClient, name: str) -> Any:
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        known = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise LkflowError(
+            f"Received: experiment {name!r}, which is not at "
+            f"{hide_credentials(client.tracking_uri)}. "
+            f"Experiments there: {known}."
+        )
+    return found
+
+
+def runs_frame(found: Sequence[Run], experiment_names: dict[str, str]) -> pd.DataFrame:
+    """One row per run: name, id, status, start, duration (s), key params, monitor, best."""
+    import pandas as pd
+
+    rows = []
+    for run in found:
+        info, data = run.info, run.data
+        end_ms = info.end_time or int(time.time() * 1000)
+        monitor, best = best_metric(data.metrics)
+        params = {label: data.params.get(key) for key, label in _KEY_PARAMS.items()}
+        task_params = {k: v for k, v in data.params.items() if k.startswith("task.")}
+        rows.append(
+            {
+                "run": info.run_name,
+                "id": info.run_id[:8],
+                "experiment": experiment_names.get(info.experiment_id),
+                "status": info.status,
+                "start": pd.Timestamp.fromtimestamp(info.start_time / 1000),  # local time
+                "duration": (end_ms - info.start_time) / 1000,
+                **params,
+                **task_params,
+                "monitor": monitor,
+                "best": best,
+            }
+        )
+    return pd.DataFrame(rows).dropna(axis="columns", how="all")
+
+
+def best_metric(metrics: dict[str, float]) -> tuple[str | None, float | None]:
+    """The `best_<monitor>` metric that MLflowCallback logs, as (monitor, value)."""
+    for key, value in metrics.items():
+        if key.startswith("best_") and key != "best_epoch":
+            return key.removeprefix("best_"), value
+    return None, None
+
+
+def mode(monitor: str, recorded: str | None = None) -> str:
+    """The mode of `monitor`: the recorded one, else "max" for accuracy-like names, else "min"."""
+    if recorded in ("min", "max"):
+        return recorded
+    words = re.split(r"[^a-z0-9]+", monitor.lower())
+    return "max" if any(word in _HIGHER_IS_BETTER for word in words) else "min"
+
+
+def sort_runs(table: pd.DataFrame, sort: str) -> pd.DataFrame:
+    import pandas as pd
+
+    column = sort.removeprefix("-")
+    if column not in table.columns:
+        raise LkflowError(
+            f"Received: --sort {sort!r}. Expected a column: {', '.join(table.columns)}."
+        )
+    values = table[column]
+    if column == "best":  # best first: a max-mode value counts negated
+        sign = table["monitor"].map(lambda monitor: -1 if mode(str(monitor)) == "max" else 1)
+        values = values * sign
+    elif column != "start" and not pd.api.types.is_numeric_dtype(values):
+        numbers = pd.to_numeric(values, errors="coerce")
+        values = numbers if numbers.notna().sum() == values.notna().sum() else values.astype(str)
+    descending = (column == "start") != sort.startswith("-")
+    order = values.sort_values(ascending=not descending, na_position="last", kind="stable")
+    return table.loc[order.index]
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{rest:02d}s"
+
+
+def cell(column: str, value: Any) -> str:
+    """A runs-table value as text: start to the minute, duration as 1m05s, best to 4 places."""
+    if value is None:
+        return ""
+    if column == "start":
+        return value.strftime("%Y-%m-%d %H:%M")
+    if column == "duration":
+        return _duration(value)
+    return f"{value:.4f}" if column == "best" else str(value)
+
+
+def find_run(client: MlflowClient, ref: str) -> Run:
+    """The run named `ref`, or whose id is (or, unambiguously, starts with) `ref`."""
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    quote = '"' if "'" in ref else "'"
+    named = client.search_runs(
+        experiment_ids, f"attributes.run_name = {quote}{ref}{quote}", max_results=10
+    )
+    candidates = list(named)
+    if not candidates and re.fullmatch(r"[0-9a-f]{4,32}", ref):
+        every = client.search_runs(experiment_ids, max_results=5000)
+        candidates = [run for run in every if run.info.run_id.startswith(ref)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        ids = ", ".join(run.info.run_id for run in candidates)
+        raise LkflowError(
+            f"Received: run {ref!r}, which names {len(candidates)} runs: {ids}. Pass one run id."
+        )
+    raise LkflowError(
+        f"Received: run {ref!r}, which is no run name or id at "
+        f"{hide_credentials(client.tracking_uri)}. "
+        "`lkflow runs` lists the runs."
+    )
+
+
+def labels(found: Sequence[Run]) -> list[str]:
+    """Run names, with the id's start added where two runs share a name."""
+    names = [run.info.run_name or run.info.run_id[:8] for run in found]
+    return [
+        f"{name} ({run.info.run_id[:8]})" if names.count(name) > 1 else name
+        for name, run in zip(names, found, strict=True)
+    ]
+
+
+def metric_history(client: MlflowClient, run: Run, metric: str) -> list[tuple[int, float]]:
+    history = client.get_metric_history(run.info.run_id, metric)
+    if not history:
+        logged = ", ".join(sorted(run.data.metrics)) or "none"
+        raise LkflowError(
+            f"Received: --metric {metric!r}, which run {run.info.run_name or run.info.run_id} "
+            f"did not log. Its metrics: {logged}."
+        )
+    return sorted((point.step, point.value) for point in history)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str) -> Figure:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for label, points in curves.items():
+        steps, values = zip(*points, strict=True)
+        ax.plot([step + 1 for step in steps], values, "o-", label=label)  # epoch 0 is the 1st
+    ax.set(title=f"{metric} by epoch", xlabel="Epochs", ylabel=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    return figure
+
+
+def params_table(found: Sequence[Run], labels: Sequence[str]) -> str:
+    """Params side by side, left-aligned; rows whose values differ come first, marked `*`."""
+    keys = sorted({key for run in found for key in run.data.params})
+    rows = [[run.data.params.get(key, "-") for run in found] for key in keys]
+    marked = [
+        (f"* {key}" if len(set(row)) > 1 else f"  {key}", row)
+        for key, row in zip(keys, rows, strict=True)
+    ]
+    marked.sort(key=lambda item: not item[0].startswith("*"))  # stable: differing first
+    return text_table([["  param", *labels], *([name, *row] for name, row in marked)])
+
+
+def text_table(lines: list[list[str]]) -> str:
+    """Rows of cells as left-aligned columns two spaces apart."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
