@@ -13,8 +13,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torchmetrics.classification import BinaryAccuracy
 
 from lkflow.datasets import rings
+from lkflow.model import LightModel
 
 _MLFLOW_ENV = (
     "MLFLOW_TRACKING_URI",
@@ -47,12 +49,36 @@ def _seeded_and_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     yield
 
 
-@pytest.fixture
-def loaders() -> tuple[DataLoader, DataLoader]:
+def make_loaders() -> tuple[DataLoader, DataLoader]:
     """Train (320 rows) and validation (250 rows, a short last batch) loaders of the rings."""
     train = DataLoader(rings(320, seed=1), batch_size=64, shuffle=True)
     valid = DataLoader(rings(250, seed=2), batch_size=64)
     return train, valid
+
+
+def make_model(
+    net: nn.Module | None = None,
+    model_class: type[LightModel] = LightModel,
+    scheduled: bool = False,
+) -> LightModel:
+    """A Keras-style LightModel of `Net`: BCE on logits, accuracy, SGD with momentum, and with
+    `scheduled` a StepLR halving the lr every 2 epochs."""
+    net = net or Net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5) if scheduled else None
+    return model_class(
+        net,
+        loss_fn=nn.BCEWithLogitsLoss(),
+        metrics={"acc": BinaryAccuracy()},
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+    )
+
+
+@pytest.fixture
+def loaders() -> tuple[DataLoader, DataLoader]:
+    """`make_loaders()`: the rings in a train and a validation loader."""
+    return make_loaders()
 
 
 def fresh_store(folder: Path, migrated: Path) -> str:

@@ -14,40 +14,17 @@ from pathlib import Path
 import mlflow
 import pytest
 import pytorch_lightning as pl
-import torch
 from click.testing import CliRunner
-from conftest import Net, fresh_store
+from conftest import fresh_store, make_loaders, make_model
 from mlflow import MlflowClient
 from servers import Server, free_port, mlflow_server
-from torch import nn
-from torch.utils.data import DataLoader
-from torchmetrics.classification import BinaryAccuracy
 
 from lkflow.cli import main
-from lkflow.datasets import rings
 from lkflow.errors import LkflowError
-from lkflow.model import LightModel
 from lkflow.outbox import Outbox
 
 EPOCHS = 4
 KEYS = ("loss", "acc", "val_loss", "val_acc", "lr")
-
-
-def make_model() -> LightModel:
-    net = Net()
-    return LightModel(
-        net,
-        loss_fn=nn.BCEWithLogitsLoss(),
-        metrics={"acc": BinaryAccuracy()},
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
-    )
-
-
-def make_loaders() -> tuple[DataLoader, DataLoader]:
-    return (
-        DataLoader(rings(320, seed=1), batch_size=64, shuffle=True),
-        DataLoader(rings(250, seed=2), batch_size=64),
-    )
 
 
 class _KillAtEpochEnd(pl.Callback):

@@ -25,7 +25,7 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import Net, fresh_store
+from conftest import Net, fresh_store, make_model
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow import MlflowClient
@@ -34,7 +34,6 @@ from mlflow.utils.validation import _validate_model_name
 from servers import free_port, mlflow_server
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import BinaryAccuracy
 
 import lkflow
 from lkflow import LightModel, LkflowError
@@ -45,16 +44,6 @@ from lkflow.store import check_tracking_uri
 from lkflow.tasks import parse_params
 
 ROOT = Path(lkflow.__file__).resolve().parents[1]
-
-
-def make_model(model_class: type[LightModel] = LightModel) -> LightModel:
-    net = Net()
-    return model_class(
-        net,
-        loss_fn=nn.BCEWithLogitsLoss(),
-        metrics={"acc": BinaryAccuracy()},
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
-    )
 
 
 def make_loaders(train_rows: Dataset | None = None) -> tuple[DataLoader, DataLoader]:
@@ -124,7 +113,7 @@ class _UnreadableRow(Dataset):
 def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
     tracking_uri: str, where: str, error: BaseException
 ) -> None:
-    model = make_model(_FailsInEpochOne)
+    model = make_model(model_class=_FailsInEpochOne)
     model.where, model.error = where, error
     callbacks = [_FailsAtEpochEnd(error)] if where == "epoch_end" else []
     loaders = make_loaders(_UnreadableRow(error) if where == "data_loading" else None)

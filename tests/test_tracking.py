@@ -27,17 +27,15 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import Net, fresh_store
+from conftest import Net, fresh_store, make_loaders
+from conftest import make_model as make_plain_model
 from mlflow import MlflowClient
 from mlflow.entities import Param
 from pytorch_lightning.callbacks import ModelCheckpoint
 from servers import BIN, Server, bin_path_env, free_port, mlflow_server
 from torch import nn
-from torch.utils.data import DataLoader
-from torchmetrics.classification import BinaryAccuracy
 
 import lkflow
-from lkflow.datasets import rings
 from lkflow.errors import LkflowError
 from lkflow.model import LightModel
 from lkflow.tracking import MLflowCallback
@@ -46,25 +44,11 @@ EPOCHS = 3
 X = [[5.0, 0.0], [0.0, -8.0], [3.5, 3.5], [-6.0, 6.0]]
 
 
-def make_loaders() -> tuple[DataLoader, DataLoader]:
-    return (
-        DataLoader(rings(320, seed=1), batch_size=64, shuffle=True),
-        DataLoader(rings(250, seed=2), batch_size=64),
-    )
-
-
 def make_model(
     net: nn.Module | None = None, model_class: type[LightModel] = LightModel
 ) -> LightModel:
-    net = net or Net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    return model_class(
-        net,
-        loss_fn=nn.BCEWithLogitsLoss(),
-        metrics={"acc": BinaryAccuracy()},
-        optimizer=optimizer,
-        lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5),
-    )
+    """conftest's model with a StepLR, so that the scheduler's params are logged too."""
+    return make_plain_model(net, model_class, scheduled=True)
 
 
 def fit(model: LightModel, epochs: int = 2, **kwargs: Any) -> LightModel:
