@@ -22,6 +22,7 @@ from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from torch import nn
 from typing_extensions import override
 
+from lkflow.checkpoints import LastCheckpoint
 from lkflow.checks import check_finite, check_fit_args, check_loader, is_metric, stage_metrics
 from lkflow.devices import Gpus, trainer_device_kwargs
 from lkflow.epoch_values import EpochValues, each_row_once, rows_in
@@ -379,14 +380,7 @@ class LightModel(pl.LightningModule):
             mode=mode,
             save_top_k=1,
         )
-        # Lightning's save_last writes last.ckpt only with a new best; this one writes it
-        # after every epoch, so that ckpt_path="last" resumes where the fit stopped.
-        latest = ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
-            enable_version_counter=False,
-        )
-        fit_callbacks: list[Callback] = [checkpoint, latest, *callbacks]
+        fit_callbacks: list[Callback] = [checkpoint, LastCheckpoint(checkpoint), *callbacks]
         if patience is not None:
             fit_callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
         if verbose == 2:

@@ -1,0 +1,87 @@
+"""The best checkpoint and `last.ckpt`: one file written per epoch, neither overwriting the other."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
+
+from tests.conftest import make_loaders, make_model
+
+
+class CountingIO(TorchCheckpointIO):
+    """Lightning's own checkpoint writer, counting the files it writes."""
+
+    def __init__(self) -> None:
+        self.saved: list[str] = []
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        self.saved.append(Path(path).name)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def _epoch_of(path: str | Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+
+
+def test_an_epoch_with_a_new_best_writes_one_file_and_links_last_to_it() -> None:
+    model = make_model()
+    io = CountingIO()
+    model.fit(*make_loaders(), epochs=4, gpus=0, verbose=0, track=False, plugins=[io])
+
+    best = model.trainer.checkpoint_callback.best_model_path
+    last = Path("checkpoints/last.ckpt")
+    assert len(io.saved) == 4  # one write per epoch, whether or not it was a new best
+    last_epoch_was_best = io.saved[-1] == Path(best).name
+    assert os.path.samefile(best, last) == last_epoch_was_best
+    assert _epoch_of(last) == 3
+
+
+def test_later_epochs_rewrite_last_without_touching_the_linked_best() -> None:
+    # mode="max" on a falling val_loss: epoch 0 is the only best, so last.ckpt starts as a link
+    # to it and must be replaced, not written through, in epochs 1 and 2
+    model = make_model()
+    io = CountingIO()
+    model.fit(*make_loaders(), epochs=3, gpus=0, verbose=0, track=False, mode="max", plugins=[io])
+
+    best = Path(model.trainer.checkpoint_callback.best_model_path)
+    assert best.name.startswith("epoch=0-")
+    assert io.saved == [best.name, "last.ckpt", "last.ckpt"]
+    assert _epoch_of(best) == 0
+    assert _epoch_of("checkpoints/last.ckpt") == 2
+    assert not os.path.samefile(best, "checkpoints/last.ckpt")
+    assert sorted(p.name for p in Path("checkpoints").iterdir()) == sorted([best.name, "last.ckpt"])
+
+
+def test_a_file_system_without_hard_links_gets_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(source: str, target: str) -> None:
+        raise PermissionError(1, "Operation not permitted", target)
+
+    monkeypatch.setattr("lkflow.checkpoints.os.link", refuse)
+    model = make_model()
+    model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, track=False)
+
+    best = Path(model.trainer.checkpoint_callback.best_model_path)
+    last = Path("checkpoints/last.ckpt")
+    assert not os.path.samefile(best, last)
+    assert last.read_bytes() == best.read_bytes()
+
+
+def test_resuming_from_a_linked_last_continues_and_keeps_the_best() -> None:
+    first = make_model()
+    first.fit(*make_loaders(), epochs=2, gpus=0, verbose=0, track=False)
+    best_before = first.trainer.checkpoint_callback.best_model_score
+
+    resumed = make_model()
+    resumed.fit(*make_loaders(), epochs=4, gpus=0, verbose=0, track=False, ckpt_path="last")
+
+    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
+    assert resumed.trainer.checkpoint_callback.best_model_score <= best_before
+    assert _epoch_of("checkpoints/last.ckpt") == 3
+    assert len(list(Path("checkpoints").glob("epoch=*.ckpt"))) == 1
