@@ -8,6 +8,7 @@ only in the framework around that loop:
 torch_loop           hand-written loop; metrics summed on device, read once per epoch
 lightning_lean       LightningModule, metrics summed on device and logged once per epoch
 lightning_idiomatic  LightningModule with ``self.log(on_step=True, on_epoch=True)`` per step
+lightning_lean_ckpt  the lean module plus a best-``val_loss`` ``ModelCheckpoint``
 lkflow_untracked     ``lkflow.LightModel(...).fit(track=False)``
 lightning_mlflow     idiomatic module + ``MLFlowLogger(log_model=True)`` + ``ModelCheckpoint``
 autolog              idiomatic module under ``mlflow.pytorch.autolog()``
@@ -133,8 +134,8 @@ def lightning_idiomatic(w: Workload) -> None:
     trainer.fit(_idiomatic_module(w), w.dl_train, w.dl_valid)
 
 
-def lightning_lean(w: Workload) -> None:
-    """The leanest fair Lightning: sums kept on device, one ``self.log`` per metric per epoch."""
+def _lean_module(w: Workload) -> Any:
+    """Sums kept on device, one ``self.log`` per metric per epoch."""
     import pytorch_lightning as pl
 
     class Lean(pl.LightningModule):
@@ -173,8 +174,25 @@ def lightning_lean(w: Workload) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=self.lr)
 
+    return Lean(w.net, w.loss_fn, w.lr)
+
+
+def lightning_lean(w: Workload) -> None:
+    """The leanest fair Lightning: sums kept on device, one ``self.log`` per metric per epoch."""
+    import pytorch_lightning as pl
+
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, **_trainer_kwargs(w))
-    trainer.fit(Lean(w.net, w.loss_fn, w.lr), w.dl_train, w.dl_valid)
+    trainer.fit(_lean_module(w), w.dl_train, w.dl_valid)
+
+
+def lightning_lean_ckpt(w: Workload) -> None:
+    """The lean module keeping its best checkpoint, as lkflow does by default (no logger)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath="checkpoints", monitor="val_loss", mode="min")
+    trainer = pl.Trainer(logger=False, callbacks=[checkpoint], **_trainer_kwargs(w))
+    trainer.fit(_lean_module(w), w.dl_train, w.dl_valid)
 
 
 # --- 3. lkflow, untracked ------------------------------------------------------------------
@@ -249,6 +267,7 @@ CONTENDERS: dict[str, Callable[[Workload], None]] = {
     "torch_loop": torch_loop,
     "lightning_lean": lightning_lean,
     "lightning_idiomatic": lightning_idiomatic,
+    "lightning_lean_ckpt": lightning_lean_ckpt,
     "lkflow_untracked": lkflow_untracked,
     "lightning_mlflow": lightning_mlflow,
     "autolog": autolog,
@@ -259,6 +278,7 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "torch_loop": (),
     "lightning_lean": _LIGHTNING,
     "lightning_idiomatic": _LIGHTNING,
+    "lightning_lean_ckpt": _LIGHTNING,
     "lkflow_untracked": (*_LIGHTNING, *_LKFLOW),
     "lightning_mlflow": _MLFLOW,
     "autolog": _MLFLOW,

@@ -1,9 +1,9 @@
 """Benchmark lkflow against a hand-written loop, plain Lightning and MLflow's own integrations.
 
-Run from the repository root (about 12 minutes of CPU on 2 cores for the full set, plus
-waits for a quiet machine):
+Run from the repository root (about 18 minutes on 2 cores for the full set, plus waits for a
+quiet machine):
 
-    python -m benchmarks.run --rounds 3 --workloads rings,wide --out benchmarks/RESULTS.md
+    python -m benchmarks.run --rounds 5 --workloads rings,wide --out benchmarks/RESULTS.md
 
 Each (workload, contender) pair trains in its own fresh process; the contenders run in
 alternating order within each round (the order rotates between rounds), and the table shows
@@ -56,6 +56,7 @@ CONTENDERS = (
     "torch_loop",
     "lightning_lean",
     "lightning_idiomatic",
+    "lightning_lean_ckpt",
     "lkflow_untracked",
     "lightning_mlflow",
     "autolog",
