@@ -24,7 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import CONTENDERS, MARKER, REPO, WORKLOADS, _names, _preload, run_measured
+from benchmarks.run import (
+    CONTENDERS,
+    MARKER,
+    REPO,
+    WORKLOADS,
+    _names,
+    _preload,
+    prepared,
+    run_measured,
+)
 
 
 def profile_child(
@@ -34,12 +43,10 @@ def profile_child(
     import torch
 
     torch.set_num_threads(1)
-    from benchmarks import contenders, workloads
+    from benchmarks import contenders
 
     _preload(contender, late_imports)
-    w = workloads.build(workload)
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)]).step()
-    torch.manual_seed(workloads.SEED)
+    w = prepared(workload)
     profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory(prefix="lkflow-profile-") as tmp:
         os.chdir(tmp)

@@ -245,8 +245,11 @@ def targets_table(
                 "n/a" if row.median is None else ("yes" if row.median <= row.limit else "**no**")
             )
             limit = f"{row.limit:g}"
-        extra = " | ".join("" if v is None else fmt(v) for v in (row.paired, row.best, row.cpu))
-        lines.append(f"| {row.label} | {fmt(row.median)} | {extra} | {limit} | {holds} |")
+        # Three decimals: a verdict at the limit's second decimal stays readable.
+        extra = " | ".join(
+            "" if v is None else fmt(v, ".3f") for v in (row.paired, row.best, row.cpu)
+        )
+        lines.append(f"| {row.label} | {fmt(row.median, '.3f')} | {extra} | {limit} | {holds} |")
     return [*lines, ""]
 
 

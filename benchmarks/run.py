@@ -88,6 +88,19 @@ def _preload(contender: str, late_imports: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def prepared(workload: str) -> Any:
+    """The seeded workload, with torch's first-optimizer-step imports (torch._dynamo, about a
+    second) already done, ready for the clock."""
+    import torch
+
+    from benchmarks import workloads
+
+    w = workloads.build(workload)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)]).step()
+    torch.manual_seed(workloads.SEED)
+    return w
+
+
 def child_probe(contender: str, threads: int) -> None:
     """Train ``contender`` on a few rings rows and report the modules it imported on the way."""
     import torch
@@ -114,17 +127,14 @@ def child_train(workload: str, contender: str, threads: int, late_imports: list[
     import torch
 
     torch.set_num_threads(threads)
-    from benchmarks import contenders, workloads
+    from benchmarks import contenders
 
     try:
         late_import_s = _preload(contender, late_imports)
     except ImportError as exc:
         _emit({"status": "n/a", "reason": f"{type(exc).__name__}: {exc}"})
         return
-    w = workloads.build(workload)
-    # The first optimizer step imports torch._dynamo (about a second); take it off the clock.
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)]).step()
-    torch.manual_seed(workloads.SEED)
+    w = prepared(workload)
     modules_before, rss_before = len(sys.modules), _rss_mb()
     with tempfile.TemporaryDirectory(prefix="lkflow-bench-") as tmp:
         os.chdir(tmp)
@@ -328,7 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quiet-wait", type=float, default=30.0, help="most seconds to wait for a quiet machine."
     )
-    parser.add_argument("--out", type=Path, help="write the markdown results here too.")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the markdown results here too, and every run's figures beside it (.json).",
+    )
     parser.add_argument(
         "--child", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS
     )
@@ -360,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+        raw = {"training": [[*key, runs] for key, runs in results.items()], "startup": startup}
+        args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
         _log(f"wrote {args.out}")
 
 
