@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from lightning_fabric.plugins import TorchCheckpointIO
-
-from tests.conftest import make_loaders, make_model
+from conftest import make_loaders, make_model
+from pytorch_lightning.plugins import TorchCheckpointIO
 
 
 class CountingIO(TorchCheckpointIO):
