@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from weakref import proxy
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -34,7 +35,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         best = self.best.best_model_path
-        best_saved_now = best and self.best._last_global_step_saved == trainer.global_step
+        best_saved_now = bool(best) and self.best._last_global_step_saved == trainer.global_step
         # Sharded strategies save a folder, and remote paths are no local files: write those.
         if not best_saved_now or not self._is_local_file(trainer, best):
             super()._save_checkpoint(trainer, filepath)
@@ -44,6 +45,9 @@ class LastCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("lkflow.LastCheckpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:  # as Lightning tells loggers of a checkpoint it wrote
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     @staticmethod
     def _is_local_file(trainer: pl.Trainer, path: str) -> bool:

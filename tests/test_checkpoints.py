@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_loaders, make_model
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 
@@ -84,3 +85,49 @@ def test_resuming_from_a_linked_last_continues_and_keeps_the_best() -> None:
     assert resumed.trainer.checkpoint_callback.best_model_score <= best_before
     assert _epoch_of("checkpoints/last.ckpt") == 3
     assert len(list(Path("checkpoints").glob("epoch=*.ckpt"))) == 1
+
+
+class SeesCheckpoints(Logger):
+    """A Lightning logger that notes which checkpoint files it was told of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return "sees-checkpoints"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.told.append(Path(checkpoint_callback.best_model_path).name)
+
+
+def test_loggers_hear_of_last_whether_it_was_written_or_linked() -> None:
+    logger = SeesCheckpoints()
+    io = CountingIO()
+    model = make_model()
+    model.fit(
+        *make_loaders(),
+        epochs=3,
+        gpus=0,
+        verbose=0,
+        track=False,
+        logger=logger,
+        log_every_n_steps=1,
+        plugins=[io],
+    )
+
+    assert logger.told.count("last.ckpt") == 3
+    assert [name for name in logger.told if name != "last.ckpt"] == [
+        name for name in io.saved if name != "last.ckpt"
+    ]
