@@ -1,6 +1,6 @@
 """Benchmark lkflow against a hand-written loop, plain Lightning and MLflow's own integrations.
 
-Run from the repository root (about 18 minutes on 2 cores for the full set, plus waits for a
+Run from the repository root (about 25 minutes on 2 cores for the full set, plus waits for a
 quiet machine):
 
     python -m benchmarks.run --rounds 5 --workloads rings,wide --out benchmarks/RESULTS.md
