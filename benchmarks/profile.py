@@ -26,12 +26,12 @@ from pathlib import Path
 
 from benchmarks.run import (
     CONTENDERS,
-    MARKER,
     REPO,
     WORKLOADS,
     _names,
     _preload,
     prepared,
+    probe_late_imports,
     run_measured,
 )
 
@@ -71,20 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     (contender,) = _names(args.contender, CONTENDERS, "contender")
 
     if args.late_imports:  # the profiled child
-        late = json.loads(args.late_imports.read_text())
+        late = json.loads(args.late_imports.read_text()).get(contender, [])
         profile_child(workload, contender, late, args.top, args.match)
         return
-    settings = argparse.Namespace(threads=1, quiet_wait=30.0, timeout=600.0)
-    probe, _, _ = run_measured(
-        [sys.executable, "-m", "benchmarks.run", "--probe", contender, "--threads", "1"],
-        settings,
-    )
-    output = probe.stdout.splitlines() if probe else []
-    lines = [line for line in output if line.startswith(MARKER)]
-    modules = json.loads(lines[-1][len(MARKER) :]).get("modules", []) if lines else []
+    settings = argparse.Namespace(threads=1, quiet_wait=30.0, timeout=600.0, contenders=[contender])
     with tempfile.TemporaryDirectory(prefix="lkflow-profile-") as tmp:
         late_file = Path(tmp, "late_imports.json")
-        late_file.write_text(json.dumps(modules))
+        probe_late_imports(settings, late_file)
         child = [sys.executable, "-m", "benchmarks.profile", workload, contender]
         child += ["--top", str(args.top), "--match", args.match, "--late-imports", str(late_file)]
         proc, _, _ = run_measured(child, settings)

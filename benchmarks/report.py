@@ -46,12 +46,8 @@ HELP_LIMIT_S = 0.5  # wall time of `lkflow --help`
 
 
 def _median(runs: Runs, key: str) -> float | None:
-    ok = [run[key] for run in runs if run["status"] == "ok"]
-    return statistics.median(ok) if ok else None
-
-
-def _median_of_known(runs: Runs, key: str) -> float | None:
-    """The median of ``key`` over the runs that report it (older or partial runs may not)."""
+    """The median of ``key`` over the finished runs that report it (on a machine without
+    /proc, the memory figures are None)."""
     known = [run[key] for run in runs if run["status"] == "ok" and run.get(key) is not None]
     return statistics.median(known) if known else None
 
@@ -132,12 +128,12 @@ def training_table(
             continue
         values = (_median(runs, "seconds"), _best(runs, "seconds"), _median(runs, "cpu_seconds"))
         cells = [f"{v:.2f} | {fmt(_ratio(v, b))}" for v, b in zip(values, base_values, strict=True)]
-        peak, growth = _median(runs, "peak_mb"), _median_of_known(runs, "fit_mb")
+        peak, growth = _median(runs, "peak_mb"), _median(runs, "fit_mb")
         others = max((run["others"] for run in runs if run["others"] is not None), default=None)
         lines.append(
             f"| {name} | {' | '.join(cells)} | {peak:.0f} | "
-            f"{fmt(_median_of_known(runs, 'start_mb'), '.0f')} | {fmt(growth, '.0f')} | "
-            f"{fmt(_median_of_known(runs, 'late_import_s'))} | "
+            f"{fmt(_median(runs, 'start_mb'), '.0f')} | {fmt(growth, '.0f')} | "
+            f"{fmt(_median(runs, 'late_import_s'))} | "
             f"{max(run['late_imports'] for run in runs)} | {fmt(others, '.1f')} |"
         )
     return [*lines, ""]
@@ -207,7 +203,7 @@ def targets_table(
         )
         label = f"lkflow tracked / untracked ({workload})"
         peak = _ratio(_median(tracked, "peak_mb"), _median(untracked, "peak_mb"))
-        growth = _ratio(_median_of_known(tracked, "fit_mb"), _median_of_known(untracked, "fit_mb"))
+        growth = _ratio(_median(tracked, "fit_mb"), _median(untracked, "fit_mb"))
         beside = _ratio(_median(tracked, "peak_mb"), _median(logger, "peak_mb"))
         rows += [
             _Row(f"{label}, peak RSS", peak, RSS_LIMIT),
