@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -25,6 +26,7 @@ import click
 from lkflow import registry
 from lkflow import runs as listing
 from lkflow.errors import LkflowError
+from lkflow.numbers import parse_float, parse_int
 from lkflow.outbox import DEFAULT_DIR
 from lkflow.store import check_reachable
 
@@ -68,11 +70,40 @@ def main(debug: bool) -> None:
     """Train PyTorch nets Keras-style on Lightning, tracked, compared and served by MLflow."""
 
 
-def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    """Click callback: an int option must be >= 1 (click's int type already parsed it)."""
-    if value is not None and value < 1:
-        raise click.BadParameter(f"{value} is not >= 1.")
-    return value
+class _Number(click.ParamType):
+    """A number option spelt in ASCII (lkflow.numbers), at least `minimum`, at most `maximum`.
+
+    Click's own int and float types take whatever Python's `int()` and `float()` take, other
+    scripts' digits too.
+    """
+
+    def __init__(
+        self,
+        parse: Callable[[str], float | None],
+        name: str,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> None:
+        self.parse, self.name = parse, name
+        self.minimum, self.maximum = minimum, maximum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = value if isinstance(value, (int, float)) else self.parse(str(value))
+        if number is None:
+            self.fail(f"{value!r} is not a valid {self.name}.", param, ctx)
+        if self.minimum is not None and number < self.minimum:
+            self.fail(f"{number} is not >= {self.minimum}.", param, ctx)
+        if self.maximum is not None and number > self.maximum:
+            self.fail(f"{number} is not <= {self.maximum}.", param, ctx)
+        return number
+
+
+def _int(minimum: int | None = None, maximum: int | None = None) -> _Number:
+    return _Number(parse_int, "integer", minimum, maximum)
+
+
+_POSITIVE = _int(minimum=1)
+_FLOAT = _Number(parse_float, "float")
 
 
 # ---- train --------------------------------------------------------------------------------
@@ -80,11 +111,11 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
 
 @main.command()
 @click.argument("target")
-@click.option("--epochs", type=int, callback=_positive, default=10, show_default=True)
+@click.option("--epochs", type=_POSITIVE, default=10, show_default=True)
 @click.option("--gpus", help="0 the CPU, N GPUs, -1 all, '0,1' those. Default: a GPU if any.")
-@click.option("--lr", type=float, help="Learning rate. Default: the task's.")
-@click.option("--batch-size", type=int, callback=_positive, help="Default: the task's.")
-@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), help="Default: drawn.")
+@click.option("--lr", type=_FLOAT, help="Learning rate. Default: the task's.")
+@click.option("--batch-size", type=_POSITIVE, help="Default: the task's.")
+@click.option("--seed", type=_int(0, 2**32 - 1), help="Default: drawn.")
 @click.option("--experiment-name", help="MLflow experiment. Default: MLflow's.")
 @click.option("--run-name", help="MLflow run name. Default: MLflow picks one.")
 @click.option("--registered-model-name", help="Register the net so. Default: the experiment's.")
@@ -171,7 +202,7 @@ def _uri(client: MlflowClient) -> str:
     "a leading - reverses (--sort=-lr).",
 )
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a text table.")
-@click.option("--max", "max_runs", type=int, callback=_positive, default=20, show_default=True)
+@click.option("--max", "max_runs", type=_POSITIVE, default=20, show_default=True)
 @click.option("--tracking-uri", help=_TRACKING_URI_HELP)
 def runs(
     experiment: str | None, sort: str, as_csv: bool, max_runs: int, tracking_uri: str | None
@@ -250,7 +281,7 @@ def compare(run_refs: tuple[str, ...], metric: str, out: Path, tracking_uri: str
 
 @main.command()
 @click.argument("model_spec", metavar="NAME[/VERSION|@ALIAS]")
-@click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
+@click.option("--port", type=_int(1, 65535), default=5001, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--tracking-uri", help=_TRACKING_URI_HELP)
 def serve(model_spec: str, port: int, host: str, tracking_uri: str | None) -> None:

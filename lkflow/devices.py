@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lkflow.errors import LkflowError
+from lkflow.numbers import parse_int
 
 Gpus = int | str | list[int] | tuple[int, ...] | None
 
@@ -53,13 +54,14 @@ def parse_gpus(gpus: Gpus) -> int | list[int] | None:
 def _parse_gpus_str(text: str) -> int | list[int]:
     stripped = text.strip()
     if "," in stripped:
-        parts = [part.strip() for part in stripped.split(",") if part.strip()]
-        if not all(_is_int(part) for part in parts):
+        indices = [parse_int(part, signed=False) for part in stripped.split(",") if part.strip()]
+        if None in indices:
             raise _bad_gpus(text)
-        return _device_list([int(part) for part in parts], original=text)
-    if not _is_int(stripped) or int(stripped) < -1:
+        return _device_list(indices, original=text)
+    count = -1 if stripped == "-1" else parse_int(stripped, signed=False)
+    if count is None:
         raise _bad_gpus(text)
-    return int(stripped)
+    return count
 
 
 def _device_list(indices: list[int] | tuple[int, ...], original: object) -> list[int]:
@@ -67,10 +69,6 @@ def _device_list(indices: list[int] | tuple[int, ...], original: object) -> list
     if not indices or not valid or len(set(indices)) != len(indices):
         raise _bad_gpus(original)
     return list(indices)
-
-
-def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit() and text.count("-") <= 1 and not text.endswith("-")
 
 
 def _bad_gpus(gpus: object) -> LkflowError:

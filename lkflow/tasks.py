@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from lkflow.errors import LkflowError
+from lkflow.numbers import parse_float, parse_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -112,11 +113,13 @@ class TaskOptions:
             if text.lower() not in (*_TRUE, *_FALSE):
                 raise _bad_param(key, text, f"true or false ({', '.join(_TRUE + _FALSE)})")
             return text.lower() in _TRUE
-        try:
-            return type(default)(text)
-        except ValueError:
+        if isinstance(default, str):
+            return text
+        value = parse_int(text) if isinstance(default, int) else parse_float(text)
+        if value is None:
             name = type(default).__name__
-            raise _bad_param(key, text, f"{'an' if name == 'int' else 'a'} {name}") from None
+            raise _bad_param(key, text, f"{'an' if name == 'int' else 'a'} {name}")
+        return type(default)(value)
 
 
 def _bad_param(key: str, text: str, expected: str) -> LkflowError:

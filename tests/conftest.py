@@ -11,12 +11,23 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hypothesis import settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAccuracy
 
 from lkflow.datasets import rings
 from lkflow.model import LightModel
+
+# Property tests: in CI (CI=true) the same examples every run, no deadline on a busy machine and
+# no example database; locally new examples each run, failures remembered in the checkout's
+# git-ignored .hypothesis/ (the tests themselves run in temporary folders).
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile(
+    "dev", database=DirectoryBasedExampleDatabase(Path(__file__).parents[1] / ".hypothesis")
+)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 _MLFLOW_ENV = (
     "MLFLOW_TRACKING_URI",

@@ -148,6 +148,8 @@ def test_compare_finds_a_run_by_id_prefix(store: str) -> None:
         (["train", "tasks.py:task"], r"tasks.py:task returned int. Expected lkflow.tasks.Task"),
         (["train", "tasks.py:tsk"], "tasks.py has no 'tsk'. Its functions and classes: task"),
         (["train", RINGS, "--epochs", "abc"], "Invalid value for '--epochs': 'abc' is not a valid"),
+        (["train", RINGS, "--epochs", "١٠"], "Invalid value for '--epochs': '١٠' is not a valid"),
+        (["train", RINGS, "--lr", "²"], "Invalid value for '--lr': '²' is not a valid float"),
         (["train", RINGS, "--param", "oops"], "Received: --param 'oops'. Expected key=value"),
         (["runs", "nope"], "experiment 'nope', which is not at sqlite:"),
         (["runs", "--sort", "nope"], "--sort 'nope'. Expected a column: run, id, status"),

@@ -35,13 +35,18 @@ def test_negative_counts_other_than_minus_one_are_refused(count):
         parse_gpus(count)
 
 
-@given(st.text().filter(lambda s: not re.fullmatch(r"\s*(-1|\d+)\s*|[\d,\s]*\d[\d,\s]*", s)))
+@given(
+    st.text().filter(lambda s: not re.fullmatch(r"\s*(-1|[0-9]+)\s*|[0-9,\s]*[0-9][0-9,\s]*", s))
+)
 def test_other_strings_are_refused_with_the_accepted_forms(text):
     with pytest.raises(LkflowError, match="Expected 0 \\(CPU\\), N > 0"):
         parse_gpus(text)
 
 
-@pytest.mark.parametrize("gpus", [True, 1.0, [], [0, 0], [-1], ["0"], {"0": 1}, "1,1"])
+@pytest.mark.parametrize(
+    "gpus",
+    [True, 1.0, [], [0, 0], [-1], ["0"], {"0": 1}, "1,1", "²", "١", "1,²", "-0", "+1", "1_0"],
+)
 def test_other_values_are_refused(gpus):
     with pytest.raises(LkflowError, match=re.escape(f"Received: gpus={gpus!r}")):
         parse_gpus(gpus)

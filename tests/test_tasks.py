@@ -41,6 +41,9 @@ def test_param_converts_to_the_type_of_the_default() -> None:
         ("1.5", 16, "an int"),
         ("x", 0.1, "a float"),
         ("maybe", False, "true or false"),
+        ("١٦", 16, "an int"),  # int() would read Arabic-Indic digits as 16
+        ("1_000", 16, "an int"),
+        ("٠.٥", 0.1, "a float"),
     ],
 )
 def test_param_names_key_value_and_type_when_it_does_not_convert(
