@@ -232,7 +232,9 @@ def _registered(state: State, version: ModelVersion) -> ModelVersion:
 
 
 def _end(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool) -> None:
-    client.set_terminated(run_id, status=entry["status"], end_time=entry["end_time"])
+    # MLflow prints the run's link with the tracking URI's credentials; lkflow prints its own.
+    with env_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}, override=True):
+        client.set_terminated(run_id, status=entry["status"], end_time=entry["end_time"])
 
 
 @contextlib.contextmanager

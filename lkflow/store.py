@@ -54,6 +54,29 @@ def is_http(uri: str) -> bool:
     return parsed.scheme in ("http", "https") and bool(parsed.hostname)
 
 
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the UI of an http(s) tracking server, without the URI's credentials.
+
+    Args:
+        uri: The tracking URI.
+        experiment_id: The run's experiment.
+        run_id: The run.
+
+    Returns:
+        The page's URL; None for a local store, which has no UI of its own.
+
+    Example:
+        >>> run_url("http://alice:pw@127.0.0.1:5000/", "1", "ab12")
+        'http://127.0.0.1:5000/#/experiments/1/runs/ab12'
+    """
+    if not is_http(uri):
+        return None
+    parsed = urlparse(uri)
+    host = parsed.netloc.rpartition("@")[2]
+    base = parsed._replace(netloc=host, query="", fragment="").geturl().rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def check_reachable(uri: str) -> None:
     """Fails fast when an http(s) tracking server does not take a TCP connection.
 
@@ -123,19 +146,25 @@ def bounded_http_retries() -> contextlib.AbstractContextManager[None]:
 
 
 @contextlib.contextmanager
-def env_defaults(values: Mapping[str, str]) -> Iterator[None]:
-    """Environment variables set to `values` for the block, those the user set left alone.
+def env_defaults(values: Mapping[str, str], *, override: bool = False) -> Iterator[None]:
+    """Environment variables set to `values` for the block, then put back as they were.
 
     Args:
-        values: Variable names and the values they take where they are not set.
+        values: Variable names and the values they take.
+        override: Whether a variable the user set takes the value too. Defaults to False:
+            those are left alone.
     """
-    unset = [name for name in values if name not in os.environ]
-    os.environ.update({name: values[name] for name in unset})
+    before = {name: os.environ.get(name) for name in values}
+    taken = [name for name in values if override or before[name] is None]
+    os.environ.update({name: values[name] for name in taken})
     try:
         yield
     finally:
-        for name in unset:
-            os.environ.pop(name, None)
+        for name in taken:
+            if before[name] is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before[name]
 
 
 _TRACKING_URI_FORMS = (

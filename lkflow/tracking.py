@@ -65,6 +65,7 @@ from lkflow.store import (
     check_reachable,
     check_tracking_uri,
     is_unreachable,
+    run_url,
     tracking_client,
 )
 
@@ -359,6 +360,16 @@ class MLflowCallback(pl.Callback):
         if self._owns_run:
             self._send({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
             self._owns_run = False
+            if self._outbox is None:
+                self._print_link()
+
+    def _print_link(self) -> None:
+        """The run's page on a tracking server, as MLflow prints it, without credentials."""
+        url = run_url(self.client_.tracking_uri, self.experiment_id_, self.run_id_)
+        if url is not None:
+            with bounded_http_retries():
+                name = self.client_.get_run(self.run_id_).info.run_name
+            print(f"View run {name} at: {url}", flush=True)
 
     def _send(self, entry: Entry) -> Any:
         """One write into the run (an outbox entry, see lkflow/outbox.py): to MLflow while the
