@@ -39,6 +39,15 @@ def test_conda_env_names_the_dependencies_of_pyproject() -> None:
     assert "python=3.11" in conda and "pip" in conda
 
 
+def test_ci_tests_the_lower_bounds_that_pyproject_allows() -> None:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+")
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(re.findall(r"^([\w-]+)>=([\d.]+)", "\n".join(dependencies), re.M))
+    pinned = dict(re.findall(r"([\w-]+)==([\d.]+)", (ROOT / ".ci" / "run").read_text()))
+    for name in ("pytorch-lightning", "mlflow", "torchmetrics"):
+        assert pinned[name] == floors[name] + ".0" * (2 - floors[name].count(".")), name
+
+
 def test_entry_points_take_typed_params_and_run_the_checkouts_examples() -> None:
     project = _yaml("MLproject")
     assert project["name"] == "lkflow" and project["conda_env"] == "conda.yaml"
