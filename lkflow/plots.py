@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
+from lkflow.errors import LkflowError
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
@@ -34,9 +36,8 @@ def plot_metric(history: History, metric: str, *, ax: Axes | None = None) -> Fig
         The figure holding the plot (the figure of ``ax`` when given).
 
     Raises:
-        ValueError: ``metric`` is not in ``history`` (the message lists the available names), or
-            ``history`` has no epochs.
-        TypeError: ``history`` is none of the accepted types.
+        LkflowError: ``metric`` is not in ``history`` (the message lists the available names),
+            ``history`` has no epochs, or it is none of the accepted types.
 
     Example:
         >>> history = [{"epoch": 0, "loss": 0.9, "val_loss": 1.0},
@@ -46,7 +47,7 @@ def plot_metric(history: History, metric: str, *, ax: Axes | None = None) -> Fig
     frame = _to_frame(history)
     available = _metric_names(frame)
     if metric not in available:
-        raise ValueError(
+        raise LkflowError(
             f"Unknown metric {metric!r}; the history has metrics {available}. Pass one of "
             f"these names (without 'val_': its validation curve is drawn alongside)."
         )
@@ -68,7 +69,7 @@ def plot_history(history: History) -> Figure:
         The figure, one subplot per metric, up to three per row.
 
     Raises:
-        ValueError: ``history`` holds no metric columns.
+        LkflowError: ``history`` holds no metric columns.
 
     Example:
         >>> history = {"loss": [0.9, 0.5], "val_loss": [1.0, 0.7], "acc": [0.6, 0.8],
@@ -79,7 +80,7 @@ def plot_history(history: History) -> Figure:
     frame = _to_frame(history)
     names = sorted(_metric_names(frame), key=lambda name: name == "lr")  # stable sort: lr last
     if not names:
-        raise ValueError(
+        raise LkflowError(
             f"history has no metric columns, only {list(frame.columns)}; expected e.g. 'loss'."
         )
     ncols = min(len(names), 3)
@@ -111,13 +112,13 @@ def _to_frame(history: History) -> pd.DataFrame:
     elif isinstance(history, Sequence) and not isinstance(history, str):
         frame = pd.DataFrame(list(history))
     else:
-        raise TypeError(
+        raise LkflowError(
             f"history must be a pandas DataFrame, a list of per-epoch dicts or a dict of lists; "
             f"received {type(history).__name__}. Pass the DataFrame that fit() returns or "
             f"model.history."
         )
     if frame.empty:
-        raise ValueError("history has no epochs to plot; train for at least one epoch first.")
+        raise LkflowError("history has no epochs to plot; train for at least one epoch first.")
     return frame
 
 

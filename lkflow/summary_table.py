@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from lkflow.errors import LkflowError
+from lkflow.layers import first_layer, layer_hooks
 
 _MB = 1024**2
 # Rows fed to the forward pass for input_shape: 2 like torchsummary, so batch statistics exist.
@@ -98,6 +99,32 @@ class _Trace:
     running: list[str] = field(default_factory=list)  # labels of hooked modules now running
     output_bytes: int = 0
 
+    def enter(self, path: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Note that the forward of `module` is running, to name it if it fails."""
+        kind = type(module).__name__
+        self.running.append(f"'{path}' ({kind})" if path else kind)
+
+    def record(self, path: str, module: nn.Module, output: Any) -> None:
+        """Append the row of one finished module call."""
+        self.running.pop()
+        tensors = _tensors(output)
+        shapes = [_shown_shape(tensor, self) for tensor in tensors]
+        own = [p for p in module.parameters(recurse=False) if id(p) not in self.seen]
+        self.seen.update(id(p) for p in own)
+        self.output_bytes += sum(
+            math.prod(abs(d) for d in shape) * tensor.element_size()
+            for shape, tensor in zip(shapes, tensors, strict=True)
+        )
+        kind = type(module).__name__
+        self.rows.append(
+            LayerRow(
+                name=f"{kind}-{len(self.rows) + 1}",
+                type=kind,
+                output_shape=shapes[0] if len(shapes) == 1 else shapes,
+                params=sum(p.numel() for p in own),
+            )
+        )
+
 
 def summary(
     model: nn.Module,
@@ -133,7 +160,7 @@ def summary(
         The :class:`Summary`; ``str(result)`` is the printed table.
 
     Raises:
-        ValueError: Neither or both of ``input_shape`` and ``input_data`` given, a malformed
+        LkflowError: Neither or both of ``input_shape`` and ``input_data`` given, a malformed
             ``input_shape`` or ``batch_size``, or a forward pass that fails on the input (the
             message names the failing layer).
 
@@ -169,7 +196,7 @@ def _prepare_input(
 ) -> tuple[torch.Tensor, _Trace, int]:
     """Input batch on the model's device, an empty trace, and the input size in bytes."""
     if batch_size != -1 and batch_size < 1:
-        raise ValueError(
+        raise LkflowError(
             f"batch_size must be -1 (shown as -1) or a positive int; "
             f"received batch_size={batch_size}."
         )
@@ -182,7 +209,7 @@ def _prepare_input(
     if input_shape is None:
         inputs = input_data.to(device)
         return inputs, _Trace(None, batch_size), inputs.numel() * inputs.element_size()
-    raise ValueError(
+    raise LkflowError(
         f"summary() takes input_shape or input_data, not both; received "
         f"input_shape={input_shape!r} and input_data of shape {tuple(input_data.shape)}. "
         f"Pass only one of them."
@@ -190,9 +217,9 @@ def _prepare_input(
 
 
 def _checked_shape(input_shape: Sequence[int] | None) -> tuple[int, ...]:
-    """``input_shape`` as a tuple of positive ints, or a ValueError saying how to fix it."""
+    """``input_shape`` as a tuple of positive ints, or an error saying how to fix it."""
     if input_shape is None:
-        raise ValueError(
+        raise LkflowError(
             "summary() needs an input to run the model on: pass input_shape, the shape of one "
             "sample without the batch dimension (e.g. input_shape=(2,)), or input_data, a real "
             "input batch."
@@ -201,7 +228,7 @@ def _checked_shape(input_shape: Sequence[int] | None) -> tuple[int, ...]:
         isinstance(d, int) and d > 0 for d in input_shape
     )
     if not is_shape:
-        raise ValueError(
+        raise LkflowError(
             f"input_shape must be a tuple of positive ints, the shape of one sample without the "
             f"batch dimension; received input_shape={input_shape!r}. For example input_shape=(2,) "
             f"or (3, 32, 32)."
@@ -220,58 +247,25 @@ def _traced_forward(
 ) -> None:
     """Call ``model(inputs)`` in eval mode under no_grad, hooks recording rows into ``trace``."""
     modes = {module: module.training for module in model.modules()}
-    handles = _add_hooks(model, trace)
     model.eval()
     try:
-        with torch.no_grad():
+        with layer_hooks(_table_layers(model), trace.enter, trace.record), torch.no_grad():
             model(inputs)
     except _FORWARD_ERRORS as err:
-        raise ValueError(_forward_error(model, inputs, trace, input_shape, err)) from err
+        raise LkflowError(_forward_error(model, inputs, trace, input_shape, err)) from err
     finally:
-        for handle in handles:
-            handle.remove()
         for module, training in modes.items():
             module.training = training
 
 
-def _add_hooks(model: nn.Module, trace: _Trace) -> list[RemovableHandle]:
-    """Hook the leaf modules, and modules holding parameters of their own, to record rows."""
-    handles = []
-    for path, module in model.named_modules():
-        is_leaf = next(module.children(), None) is None
-        if is_leaf or next(module.parameters(recurse=False), None) is not None:
-            label = f"'{path}' ({type(module).__name__})" if path else type(module).__name__
-            enter = functools.partial(_enter, trace, label)
-            handles.append(module.register_forward_pre_hook(enter))
-            handles.append(module.register_forward_hook(functools.partial(_record, trace)))
-    return handles
-
-
-def _enter(trace: _Trace, label: str, module: nn.Module, args: Any) -> None:
-    """Note that the forward of the module named ``label`` is running, to name it if it fails."""
-    trace.running.append(label)
-
-
-def _record(trace: _Trace, module: nn.Module, args: Any, output: Any) -> None:
-    """Append the row of one finished module call to ``trace``."""
-    trace.running.pop()
-    tensors = _tensors(output)
-    shapes = [_shown_shape(tensor, trace) for tensor in tensors]
-    own = [p for p in module.parameters(recurse=False) if id(p) not in trace.seen]
-    trace.seen.update(id(p) for p in own)
-    trace.output_bytes += sum(
-        math.prod(abs(d) for d in shape) * tensor.element_size()
-        for shape, tensor in zip(shapes, tensors, strict=True)
-    )
-    kind = type(module).__name__
-    trace.rows.append(
-        LayerRow(
-            name=f"{kind}-{len(trace.rows) + 1}",
-            type=kind,
-            output_shape=shapes[0] if len(shapes) == 1 else shapes,
-            params=sum(p.numel() for p in own),
-        )
-    )
+def _table_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The leaf modules, and modules holding parameters of their own: a row per call."""
+    return [
+        (path, module)
+        for path, module in model.named_modules()
+        if next(module.children(), None) is None
+        or next(module.parameters(recurse=False), None) is not None
+    ]
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -315,12 +309,12 @@ def _forward_error(
 
 def _first_layer_hint(model: nn.Module) -> str:
     """Suggested input_shape from the model's first Linear or Conv layer, or "" if none."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            features = module.in_features
-            return f" (first Linear: in_features={features}, so input_shape=({features},))"
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[len(module.kernel_size)]
-            channels = module.in_channels
-            return f" (first conv: in_channels={channels}, so input_shape=({channels}, {spatial}))"
+    first = first_layer(model)
+    if isinstance(first, nn.Linear):
+        features = first.in_features
+        return f" (first Linear: in_features={features}, so input_shape=({features},))"
+    if first is not None:
+        spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[len(first.kernel_size)]
+        channels = first.in_channels
+        return f" (first conv: in_channels={channels}, so input_shape=({channels}, {spatial}))"
     return ""

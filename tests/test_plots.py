@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
+from lkflow.errors import LkflowError
 from lkflow.plots import plot_history, plot_metric
 
 matplotlib.use("Agg")
@@ -131,5 +132,5 @@ def test_bad_histories_raise_with_the_fix() -> None:
         plot_metric([], "loss")
     with pytest.raises(ValueError, match="no metric columns"):
         plot_history({"epoch": [0, 1]})
-    with pytest.raises(TypeError, match="received int"):
+    with pytest.raises(LkflowError, match="received int"):
         plot_metric(3, "loss")
