@@ -241,18 +241,17 @@ def _end(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_se
 def _global_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's global tracking URI set to `uri` for the block, then put back as it was.
 
-    MLflow's own `_use_tracking_uri` also unsets `MLFLOW_TRACKING_URI` on the way out when
-    the URI had come from it; the variable is kept here.
+    `mlflow.set_tracking_uri` also sets `MLFLOW_TRACKING_URI`, and a URI set before the block
+    is in that variable too, so the variable is what is put back (or unset, as it was).
     """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    import mlflow
 
-    variable = os.environ.get("MLFLOW_TRACKING_URI")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
     try:
-        with _use_tracking_uri(uri):
-            yield
+        yield
     finally:
-        if variable is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = variable
+        mlflow.set_tracking_uri(before)
 
 
 # ---- the journal ---------------------------------------------------------------------------
