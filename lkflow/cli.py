@@ -70,7 +70,7 @@ def main(debug: bool) -> None:
     """Train PyTorch nets Keras-style on Lightning, tracked, compared and served by MLflow."""
 
 
-class _Number(click.ParamType):
+class _Number(click.ParamType):  # type: ignore[type-arg]
     """A number option spelt in ASCII (lkflow.numbers), at least `minimum`, at most `maximum`.
 
     Click's own int and float types take whatever Python's `int()` and `float()` take, other
@@ -235,7 +235,7 @@ def runs(
     else:
         shown = table.astype(object).where(table.notna(), None)
         cells = [
-            [listing.cell(column, value) for column, value in row.items()]
+            [listing.cell(str(column), value) for column, value in row.items()]
             for _, row in shown.iterrows()
         ]
         click.echo(listing.text_table([list(table.columns), *cells]))

@@ -54,8 +54,9 @@ def parse_gpus(gpus: Gpus) -> int | list[int] | None:
 def _parse_gpus_str(text: str) -> int | list[int]:
     stripped = text.strip()
     if "," in stripped:
-        indices = [parse_int(part, signed=False) for part in stripped.split(",") if part.strip()]
-        if None in indices:
+        parsed = [parse_int(part, signed=False) for part in stripped.split(",") if part.strip()]
+        indices = [index for index in parsed if index is not None]
+        if len(indices) < len(parsed):
             raise _bad_gpus(text)
         return _device_list(indices, original=text)
     count = -1 if stripped == "-1" else parse_int(stripped, signed=False)

@@ -9,13 +9,13 @@ that every row counts once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sized
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytorch_lightning as pl
 import torch
 import torchmetrics
 from pytorch_lightning.utilities.data import _update_dataloader
-from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
 from lkflow.errors import LkflowError
@@ -65,7 +65,7 @@ class EpochValues:
         return {f"{prefix}{key}": value for key, value in computed.items()}
 
 
-class EachRowOnce(DistributedSampler):
+class EachRowOnce(DistributedSampler[int]):
     """One process's share of an evaluation set: rows `rank, rank + n, ...` of `n` processes.
 
     Lightning gives evaluation loaders a `DistributedSampler`, which repeats up to one row per
@@ -76,13 +76,14 @@ class EachRowOnce(DistributedSampler):
     rows are drawn, as forked or spawned processes learn it after the loader is built.
     """
 
-    def __init__(self, dataset: Sized, trainer: pl.Trainer) -> None:
+    def __init__(self, dataset: Dataset[Any], trainer: pl.Trainer) -> None:
         super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
         self.trainer = trainer
+        self.rows = _rows(dataset)
 
     def _share(self) -> range:
         kwargs = self.trainer.distributed_sampler_kwargs or {}
-        return range(kwargs.get("rank", 0), len(self.dataset), kwargs.get("num_replicas", 1))
+        return range(kwargs.get("rank", 0), self.rows, kwargs.get("num_replicas", 1))
 
     @override
     def __iter__(self) -> Iterator[int]:
@@ -94,19 +95,25 @@ class EachRowOnce(DistributedSampler):
 
 
 def each_row_once(
-    name: str, loader: DataLoader, trainer: pl.Trainer, trainer_kwargs: Mapping[str, Any]
-) -> DataLoader:
+    name: str, loader: DataLoader[Any], trainer: pl.Trainer, trainer_kwargs: Mapping[str, Any]
+) -> DataLoader[Any]:
     """`loader` with an `EachRowOnce` sampler where Lightning would add a padding one."""
     processes = (trainer.distributed_sampler_kwargs or {}).get("num_replicas", 1)
     plain = type(getattr(loader, "sampler", None)) in (SequentialSampler, RandomSampler)
     if processes == 1 or not plain or not trainer_kwargs.get("use_distributed_sampler", True):
         return loader
-    if len(loader.dataset) < processes:
+    rows = _rows(loader.dataset)
+    if rows < processes:
         raise LkflowError(
-            f"Received: {name} of {len(loader.dataset)} rows for {processes} processes. Each "
+            f"Received: {name} of {rows} rows for {processes} processes. Each "
             f"process needs a row: pass at least {processes} rows, or use fewer devices."
         )
     return _update_dataloader(loader, EachRowOnce(loader.dataset, trainer))
+
+
+def _rows(dataset: Dataset[Any]) -> int:
+    """The rows of a map-style dataset (a plain loader's sampler takes its length)."""
+    return len(cast(Sized, dataset))
 
 
 def _scalar(key: str, value: Any) -> torch.Tensor:

@@ -118,9 +118,12 @@ def naming_the_failing_layer(net: nn.Module) -> Iterator[None]:
         shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
         running.append((name, module, ", ".join(map(str, shapes)) or "()"))
 
+    def leave(name: str, module: nn.Module, output: Any) -> None:
+        running.pop()
+
     submodules = [(name, module) for name, module in net.named_modules() if name]
     try:
-        with layer_hooks(submodules, enter, lambda name, module, out: running.pop()):
+        with layer_hooks(submodules, enter, leave):
             yield
     except RuntimeError as err:
         if not running:

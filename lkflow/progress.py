@@ -61,7 +61,7 @@ class EpochLogger(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._printed = len(pl_module.history)
+        self._printed = len(getattr(pl_module, "history", []))
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -73,8 +73,9 @@ class EpochLogger(pl.Callback):
         self._print_new_rows(trainer, pl_module)
 
     def _print_new_rows(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rows = pl_module.history[self._printed :]
-        self._printed = len(pl_module.history)
+        history: list[dict[str, Any]] = getattr(pl_module, "history", [])
+        rows = history[self._printed :]
+        self._printed = len(history)
         if not trainer.is_global_zero:
             return
         for row in rows:

@@ -119,7 +119,7 @@ def cell(column: str, value: Any) -> str:
     if value is None:
         return ""
     if column == "start":
-        return value.strftime("%Y-%m-%d %H:%M")
+        return str(value.strftime("%Y-%m-%d %H:%M"))
     if column == "duration":
         return _duration(value)
     return f"{value:.4f}" if column == "best" else str(value)

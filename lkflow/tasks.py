@@ -44,7 +44,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from lkflow.errors import LkflowError
 from lkflow.numbers import parse_float, parse_int
@@ -138,8 +138,8 @@ class Task:
     """
 
     model: LightModel  # the model to fit
-    train_data: DataLoader  # the training batches
-    val_data: DataLoader | None = None  # the validation batches, if any
+    train_data: DataLoader[Any]  # the training batches
+    val_data: DataLoader[Any] | None = None  # the validation batches, if any
     fit_kwargs: dict[str, Any] = field(default_factory=dict)  # more LightModel.fit arguments
     # Figures about the fitted model, by file name, logged to the run under report/.
     report: Callable[[LightModel], Mapping[str, Figure]] | None = None
@@ -204,7 +204,7 @@ def load_task(target: str) -> Callable[[TaskOptions], Task]:
             f"Received: target {target!r}, which is not callable ({type(function).__name__}). "
             "Expected a function task(options: TaskOptions) -> Task."
         )
-    return function
+    return cast(Callable[[TaskOptions], Task], function)
 
 
 def _is_path(where: str) -> bool:
