@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, cast
 import pytorch_lightning as pl
 import torch
 import torchmetrics
-from pytorch_lightning.utilities.data import _update_dataloader
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
 from lkflow.errors import LkflowError
+from lkflow.internals import with_sampler
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -108,7 +108,7 @@ def each_row_once(
             f"Received: {name} of {rows} rows for {processes} processes. Each "
             f"process needs a row: pass at least {processes} rows, or use fewer devices."
         )
-    return _update_dataloader(loader, EachRowOnce(loader.dataset, trainer))
+    return with_sampler(loader, EachRowOnce(loader.dataset, trainer))
 
 
 def _rows(dataset: Dataset[Any]) -> int:
