@@ -1,15 +1,18 @@
-"""The parts of Lightning that lkflow relies on and Lightning does not publish, in one place.
+"""The parts of Lightning and MLflow that lkflow relies on and they do not publish, in one place.
 
-Each one has a test in tests/test_internals.py that fails on a Lightning release that changes
-it, so that an upgrade breaks there, by name, rather than somewhere in a fit.
+Each one has a test in tests/test_internals.py that fails on a release that changes it, so that
+an upgrade breaks there, by name, rather than somewhere in a fit.
 
     loader = with_sampler(loader, sampler)  # a DataLoader rebuilt around another sampler
     trains_in_child_processes(trainer)  # ddp_spawn, ddp_notebook: workers train, not this process
+    with global_tracking_uri(uri): ...  # MLflow's global tracking URI for a block, then as it was
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,3 +40,23 @@ def trains_in_child_processes(trainer: pl.Trainer) -> bool:
     from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
     return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to `uri` for the block, then put back as it was.
+
+    MLflow's `_use_tracking_uri` puts back the global URI exactly (also one set without the
+    environment variable), which the public `set_tracking_uri` cannot; it also unsets
+    `MLFLOW_TRACKING_URI` on the way out when the URI had come from it, so the variable is
+    kept here.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    variable = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if variable is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = variable

@@ -37,7 +37,6 @@ version of the model already registered is kept, so nothing is recorded twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lkflow.errors import LkflowError
+from lkflow.internals import global_tracking_uri
 from lkflow.params import hide_credentials
 from lkflow.store import HTTP_RETRIES, check_reachable, env_defaults, is_unreachable
 
@@ -214,7 +214,7 @@ def _register(
             raise
     # A sqlite or file registry looks `models:/<id>` up with the global tracking URI
     # (MLflow 3.17, sqlalchemy_store.create_model_version), so make it this client's.
-    with _global_tracking_uri(client.tracking_uri):
+    with global_tracking_uri(client.tracking_uri):
         version = client.create_model_version(
             name,
             source=source,
@@ -235,23 +235,6 @@ def _end(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_se
     # MLflow prints the run's link with the tracking URI's credentials; lkflow prints its own.
     with env_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}, override=True):
         client.set_terminated(run_id, status=entry["status"], end_time=entry["end_time"])
-
-
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's global tracking URI set to `uri` for the block, then put back as it was.
-
-    `mlflow.set_tracking_uri` also sets `MLFLOW_TRACKING_URI`, and a URI set before the block
-    is in that variable too, so the variable is what is put back (or unset, as it was).
-    """
-    import mlflow
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 # ---- the journal ---------------------------------------------------------------------------

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import fresh_store, make_loaders
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
-from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import BinaryAccuracy
-
-from lkflow.datasets import rings
-from lkflow.model import LightModel
 
 # Property tests: in CI (CI=true) the same examples every run, no deadline on a busy machine and
 # no example database; locally new examples each run, failures remembered in the checkout's
@@ -37,19 +31,6 @@ _MLFLOW_ENV = (
 )
 
 
-class Net(nn.Module):
-    """The article's net, returning logits: Linear(2, 6) - Linear(6, 12) - Linear(12, 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(2, 6)
-        self.fc2 = nn.Linear(6, 12)
-        self.fc3 = nn.Linear(12, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 @pytest.fixture(autouse=True)
 def _seeded_and_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every test runs in its own folder, with a fixed seed and no MLflow settings inherited."""
@@ -60,48 +41,10 @@ def _seeded_and_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     yield
 
 
-def make_loaders() -> tuple[DataLoader, DataLoader]:
-    """Train (320 rows) and validation (250 rows, a short last batch) loaders of the rings."""
-    train = DataLoader(rings(320, seed=1), batch_size=64, shuffle=True)
-    valid = DataLoader(rings(250, seed=2), batch_size=64)
-    return train, valid
-
-
-def make_model(
-    net: nn.Module | None = None,
-    model_class: type[LightModel] = LightModel,
-    scheduled: bool = False,
-) -> LightModel:
-    """A Keras-style LightModel of `Net`: BCE on logits, accuracy, SGD with momentum, and with
-    `scheduled` a StepLR halving the lr every 2 epochs."""
-    net = net or Net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5) if scheduled else None
-    return model_class(
-        net,
-        loss_fn=nn.BCEWithLogitsLoss(),
-        metrics={"acc": BinaryAccuracy()},
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-    )
-
-
 @pytest.fixture
 def loaders() -> tuple[DataLoader, DataLoader]:
     """`make_loaders()`: the rings in a train and a validation loader."""
     return make_loaders()
-
-
-def fresh_store(folder: Path, migrated: Path) -> str:
-    """A new, empty sqlite store in `folder`, copied from `migrated` (no schema migrations)."""
-    shutil.copy(migrated, folder / "mlflow.db")
-    with sqlite3.connect(folder / "mlflow.db") as connection:  # Default's artifacts in `folder`
-        connection.execute(
-            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-            (str(folder / "mlruns" / "0"),),
-        )
-    connection.close()
-    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torchmetrics
-from conftest import Net, fresh_store
+from helpers import Net, fresh_store
 from servers import mlflow_server
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -47,7 +47,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torchmetrics
-from conftest import Net
+from helpers import Net
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -100,7 +100,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from conftest import Net
+from helpers import Net
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -136,7 +136,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torchmetrics
-from conftest import Net
+from helpers import Net
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader

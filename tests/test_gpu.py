@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Net
+from helpers import Net
 from torch import nn
 
 from lkflow import LightModel

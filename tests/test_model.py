@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchmetrics
-from conftest import Net
+from helpers import Net
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader

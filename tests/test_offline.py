@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 from click.testing import CliRunner
-from conftest import fresh_store, make_loaders, make_model
+from helpers import fresh_store, make_loaders, make_model
 from mlflow import MlflowClient
 from servers import Server, free_port, mlflow_server
 

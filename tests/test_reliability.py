@@ -25,7 +25,7 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import Net, fresh_store, make_model
+from helpers import Net, fresh_store, make_model
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow import MlflowClient

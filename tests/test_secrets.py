@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import fresh_store
+from helpers import fresh_store
 from mlflow import MlflowClient
 from servers import BIN, bin_path_env, mlflow_server
 

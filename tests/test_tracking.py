@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import Net, fresh_store, make_loaders
-from conftest import make_model as make_plain_model
+from helpers import Net, fresh_store, make_loaders
+from helpers import make_model as make_plain_model
 from mlflow import MlflowClient
 from mlflow.entities import Param
 from pytorch_lightning.callbacks import ModelCheckpoint
