@@ -230,3 +230,40 @@ def test_the_sqlite_migration_lock_is_one_file_beside_each_store(
     assert list(temporary.iterdir()) == []
     locks = sorted(p.relative_to(work).as_posix() for p in work.rglob("*.lock"))
     assert locks == ["a.db.lock", "b/b.db.lock"]
+
+
+_HOLDER = """
+import sys
+import time
+
+from lkflow.outbox import Outbox
+
+outbox = Outbox.open("mlruns-outbox", sys.argv[1], "0", sys.argv[2])
+outbox.append({"op": "end", "status": "FINISHED", "end_time": int(time.time() * 1000)})
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_the_outbox_of_a_fit_killed_with_sigkill_is_delivered(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    run_id = MlflowClient(tracking_uri).create_run("0").info.run_id
+    holder = _Process(
+        "holder", [sys.executable, "-c", _HOLDER, run_id, tracking_uri], tmp_path, {**os.environ}
+    )
+    folder = tmp_path / "mlruns-outbox" / run_id
+    try:
+        deadline = time.monotonic() + 60
+        while _owner(folder) != {"pid": holder.process.pid, "by": "fit"}:
+            assert time.monotonic() < deadline and holder.process.poll() is None
+            time.sleep(0.05)
+        busy = CliRunner().invoke(main, ["sync"])
+        assert busy.exit_code == 1 and "is still running and owns the outbox" in busy.stderr
+    finally:
+        holder.process.kill()  # SIGKILL
+        holder.finish()
+    synced = CliRunner().invoke(main, ["sync"])
+    assert synced.exit_code == 0, synced.output
+    assert synced.stdout == f"Run {run_id} at {tracking_uri}: delivered ended FINISHED.\n"
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
