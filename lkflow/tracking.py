@@ -25,7 +25,9 @@ goes away during the fit does not: the write that failed and every later write o
 in order, to `mlruns-outbox/<run_id>/` in the working folder (`outbox_dir=`), with one
 warning, and `lkflow sync` delivers them into the run once the server is back (see
 lkflow/outbox.py for the layout). Every write goes through `_send`: while the server answers
-it is one MLflow call as before, retried for seconds rather than MLflow's minutes.
+it is one MLflow call as before, retried for seconds rather than MLflow's minutes. The fit
+owns the run's outbox (holds its lock) until it has written the run's end: a `lkflow sync`
+meanwhile leaves it alone.
 """
 
 from __future__ import annotations
