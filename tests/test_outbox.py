@@ -50,6 +50,8 @@ class Gate(pl.Callback):
 
 
 model = make_model()
+while not Path("start").exists():  # imported while the server starts
+    time.sleep(0.05)
 model.fit(
     *make_loaders(),
     epochs=int(sys.argv[2]),
@@ -107,9 +109,11 @@ def test_sync_beside_a_running_fit_leaves_its_outbox_and_the_run_ends_whole(
         "PYTHONPATH": str(TESTS),
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # the outage is noticed at once
     }
+    url = f"http://127.0.0.1:{port}"
+    fit = _Process("fit", [sys.executable, "fit.py", url, str(EPOCHS)], tmp_path, env)
     server = mlflow_server(backend, tmp_path / "served", tmp_path, port)
-    with server as url:
-        fit = _Process("fit", [sys.executable, "fit.py", url, str(EPOCHS)], tmp_path, env)
+    with server:
+        (tmp_path / "start").touch()
         fit.wait_for(tmp_path / "at-0")
         os.killpg(server.process.pid, signal.SIGKILL)  # epoch 0's row is logged as 1 starts
         server.process.wait()
