@@ -330,22 +330,38 @@ def serve(model_spec: str, port: int, host: str, tracking_uri: str | None) -> No
     show_default=True,
     help="The folder a fit kept its undelivered writes in.",
 )
-def sync(tracking_uri: str | None, outbox: Path) -> None:
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for a run whose fit is still running (or that another sync delivers), "
+    "instead of leaving it for a later sync.",
+)
+def sync(tracking_uri: str | None, outbox: Path, wait: bool) -> None:
     """Deliver what fits kept while the tracking server was away, into their runs.
 
     \b
     lkflow sync
     lkflow sync --tracking-uri http://127.0.0.1:5000
+    lkflow sync --wait
 
     Each run gets its params, metrics, artifacts, model and registered version, and ends
     with the status its fit ended with. Delivered writes leave the outbox, so running it
-    again delivers nothing twice. One line per run says what went in.
+    again delivers nothing twice. One line per run says what went in. A run whose fit is
+    still running, or that another sync delivers, is left as it is and named; the exit
+    status is then 1, after the other runs are delivered.
     """
-    from lkflow.outbox import run_folders, sync_run
+    from lkflow.outbox import OutboxBusy, run_folders, sync_run
 
     folders = run_folders(outbox)
     if not folders:
         click.echo(f"Nothing to deliver: no run kept in {outbox.resolve()}.")
         return
+    busy = 0
     for folder in folders:
-        click.echo(sync_run(folder, tracking_uri))
+        try:
+            click.echo(sync_run(folder, tracking_uri, wait))
+        except OutboxBusy as err:
+            click.echo(str(err), err=True)
+            busy += 1
+    if busy:
+        raise click.exceptions.Exit(1)

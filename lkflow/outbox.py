@@ -15,6 +15,8 @@ callback's `outbox_dir` moves it), and training goes on:
                     the saved MLflow model
     progress.json   kept by `lkflow sync`: {"delivered": lines delivered, "model_id": the
                     logged model, once created, "registered": "name version n"}
+    .lock           the outbox's lock: it has one owner at a time
+    owner.json      who took the lock last: {"pid", "by": "fit" or "sync"}
 
 Each line of the journal is a JSON object with an "op"; paths are relative to the run's folder:
 
@@ -33,13 +35,23 @@ line as MLflow accepts it, and removes the run's folder when all are in: a secon
 nothing to deliver. Only the first line a sync sends can have reached MLflow already (its
 answer lost as the server went away); its metric points that the run holds are dropped and a
 version of the model already registered is kept, so nothing is recorded twice.
+
+An outbox has one owner at a time, the holder of its `.lock` (a `filelock.FileLock`; the
+operating system lets go of it when its process dies, kill -9 included). The fit takes it as
+it opens or continues the outbox and keeps it until the run's "end" line is written (or the
+fit fails); a sync takes it for as long as it delivers and removes. A sync does not wait for
+a run whose lock is held: it raises `OutboxBusy` and delivers nothing of that run, which its
+fit goes on writing (`wait=True` waits for the lock instead). So a sync never removes what a
+fit still writes, and two syncs never deliver the same line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +69,7 @@ Entry = dict[str, Any]  # one write: a journal line
 State = dict[str, Any]  # what earlier writes of the run left: "model_id", "registered"
 
 DEFAULT_DIR = "mlruns-outbox"
+_LOCK = ".lock"  # the outbox's lock file, in the run's folder
 _PARAMS_PER_CALL = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 _METRICS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 
@@ -252,17 +265,22 @@ class Outbox:
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
+        from filelock import FileLock
+
         self.folder = Path(folder)
         self.journal = self.folder / "journal.jsonl"
-        self._lines = len(self.journal.read_text().splitlines()) if self.journal.exists() else 0
+        self._lock = FileLock(self.folder / _LOCK)
+        self._lines = 0
 
     @classmethod
     def open(
         cls, root: str | os.PathLike[str], run_id: str, experiment_id: str, tracking_uri: str
     ) -> Outbox:
-        """The outbox of `run_id` under `root`; made when new, continued when it is there."""
+        """The outbox of `run_id` under `root`, its lock taken for the fit (waiting while a
+        sync delivers it); made when new, continued when it is there."""
         folder = Path(root) / run_id
-        folder.mkdir(parents=True, exist_ok=True)
+        outbox = cls(folder)
+        outbox.take("fit", wait=True)
         if not (folder / "run.json").exists():
             hidden = hide_credentials(tracking_uri)
             meta = {
@@ -272,7 +290,58 @@ class Outbox:
                 "has_credentials": hidden != tracking_uri,
             }
             _write_json(folder / "run.json", meta)
-        return cls(folder)
+        return outbox
+
+    @property
+    def held(self) -> bool:
+        """Whether this process owns the outbox now."""
+        return self._lock.is_locked
+
+    def take(self, by: str, wait: bool) -> None:
+        """Takes the outbox's lock for the fit or a sync (`by`); reentrant.
+
+        Args:
+            by: Who takes it, "fit" or "sync", as a busy message names it.
+            wait: Wait while another process holds it; else raise at once.
+
+        Raises:
+            OutboxBusy: Another process holds the lock and `wait` is False.
+        """
+        from filelock import Timeout
+
+        while not self.held:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self._lock.acquire(timeout=-1 if wait else 0)
+            except FileNotFoundError:  # a sync removed the folder meanwhile: make it again
+                continue
+            except Timeout:
+                raise OutboxBusy(self.folder) from None
+        self._lines = len(self.journal.read_text().splitlines()) if self.journal.exists() else 0
+        _write_json(self.folder / "owner.json", {"pid": os.getpid(), "by": by})
+
+    def release(self) -> None:
+        """Lets go of the outbox's lock, if held: a sync may deliver it now."""
+        if self.held:
+            self._lock.release(force=True)
+
+    def remove(self) -> None:
+        """Deletes the delivered outbox, then lets go of its lock; the lock must be held.
+
+        The journal goes first: a removal cut short leaves no line to deliver twice.
+        """
+        self.journal.unlink(missing_ok=True)
+        for path in self.folder.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.name != _LOCK:
+                path.unlink()
+        with contextlib.suppress(OSError):  # Windows keeps a held file: FileLock unlinks it
+            (self.folder / _LOCK).unlink()  # anyone waiting on it then takes a new one
+        self.release()
+        for folder in (self.folder, self.folder.parent):
+            with contextlib.suppress(OSError):  # not empty: a fit began an outbox meanwhile
+                folder.rmdir()
 
     def append(self, entry: Mapping[str, Any]) -> None:
         """Adds a write at the journal's end; its files are copied to `files/<n>/` now."""
@@ -319,10 +388,38 @@ class Outbox:
 
 
 def _write_json(path: Path, value: Mapping[str, Any]) -> None:
-    """`value` as JSON at `path`, replaced whole (never half written)."""
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(partial, path)
+    """`value` as JSON at `path`, replaced whole (never half written) from a file of this
+    write's own, so that no two writes share a partial file."""
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f"{path.name}.", suffix=".partial", delete=False
+    ) as partial:
+        partial.write(json.dumps(value, indent=1) + "\n")
+    os.replace(partial.name, path)
+
+
+class OutboxBusy(LkflowError):
+    """Another process owns a run's outbox: its fit, still running, or another sync.
+
+    Args:
+        folder: The run's outbox folder.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        try:
+            owner = json.loads((folder / "owner.json").read_text())
+        except (OSError, ValueError):
+            owner = {"pid": "unknown", "by": ""}
+        if owner["by"] == "fit":
+            holds = f"its fit (process {owner['pid']}) is still running and owns the outbox"
+            then = "after the fit ends"
+        else:
+            holds = f"another `lkflow sync` (process {owner['pid']}) is delivering it"
+            then = "after that sync"
+        super().__init__(
+            f"Run {folder.name}: {holds}, {folder}. Nothing of it was delivered; it stays "
+            f"there. Run `lkflow sync` again {then}, or `lkflow sync --wait`."
+        )
 
 
 # ---- lkflow sync ---------------------------------------------------------------------------
@@ -336,26 +433,43 @@ def run_folders(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(folder for folder in root.iterdir() if (folder / "run.json").is_file())
 
 
-def sync_run(folder: str | os.PathLike[str], tracking_uri: str | None = None) -> str:
+def sync_run(
+    folder: str | os.PathLike[str], tracking_uri: str | None = None, wait: bool = False
+) -> str:
     """Delivers a run's outbox into the run, then removes the outbox; says what was delivered.
 
     Args:
         folder: The run's outbox folder, `<outbox dir>/<run_id>`.
         tracking_uri: Where the run is. Defaults to None: the tracking URI the fit logged to
             (taken from `MLFLOW_TRACKING_URI` when the recorded one had credentials).
+        wait: Wait while the run's fit or another sync owns the outbox. Defaults to False:
+            raise `OutboxBusy` then, delivering nothing of the run.
 
     Returns:
         One line: the run, the store, and what went into the run.
 
     Raises:
+        OutboxBusy: The run's fit is still running, or another sync delivers the run.
         LkflowError: The server cannot be reached, or went away during the sync (what was
             delivered stays delivered: the next sync goes on from there), or the run is not
             in the store.
     """
+    outbox = Outbox(folder)
+    outbox.take("sync", wait)
+    try:
+        if not (outbox.folder / "run.json").exists():  # delivered by the sync it waited for
+            outbox.remove()
+            return f"Run {outbox.folder.name}: nothing to deliver, another sync delivered it."
+        return _deliver_all(outbox, tracking_uri)
+    finally:
+        outbox.release()
+
+
+def _deliver_all(outbox: Outbox, tracking_uri: str | None) -> str:
+    """`sync_run` once it owns the outbox."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    outbox = Outbox(folder)
     run_id = outbox.meta()["run_id"]
     uri = _target_uri(outbox.meta(), tracking_uri)
     check_reachable(uri)
@@ -381,9 +495,7 @@ def sync_run(folder: str | os.PathLike[str], tracking_uri: str | None = None) ->
         finally:
             outbox.save_progress(state)  # with a LoggedModel created before a failure
     line = _summary(run_id, hide_credentials(uri), entries[start:], state)
-    shutil.rmtree(outbox.folder)
-    if not any(outbox.folder.parent.iterdir()):
-        outbox.folder.parent.rmdir()
+    outbox.remove()
     return line
 
 

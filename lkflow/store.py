@@ -15,19 +15,18 @@ variables are set, and a request that still fails (`is_unreachable`) is kept for
 MLflow creates and migrates the tables of a sqlite store when a client first opens it. Fits
 started together on a new file each run the migrations, and all but one fail with
 "duplicate column name" or "Online migration expected to match one row". `tracking_client`
-opens a sqlite store under an exclusive lock: the first process migrates, the others find
-the tables made. Writes need no such help: MLflow waits up to 20 s for a locked database.
+opens a sqlite store under a file lock beside it (`mlflow.db.lock`, one per store, kept): the
+first process migrates, the others find the tables made. Writes need no such help: MLflow
+waits up to 20 s for a locked database.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import os
 import re
 import socket
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -270,12 +269,13 @@ def tracking_client(uri: str) -> MlflowClient:
         >>> tracking_client("sqlite:///mlflow.db").search_experiments()  # doctest: +SKIP
         [<Experiment: ... name='Default' ...>]
     """
+    from filelock import FileLock
     from mlflow import MlflowClient
 
     path = sqlite_path(uri)
-    if path is None:
+    if path is None or not path.parent.is_dir():  # no folder: MLflow says what is wrong
         return MlflowClient(uri)
-    with _exclusive(_lock_file(path)):
+    with FileLock(_lock_file(path)):
         return MlflowClient(uri)  # builds the tracking store: creates and migrates its tables
 
 
@@ -301,22 +301,5 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def _lock_file(database: Path) -> Path:
-    """A lock file for `database` in the temporary folder, named after its path."""
-    digest = hashlib.sha256(str(database).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"lkflow-sqlite-{digest}.lock"
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    """Holds an exclusive `flock` on `lock` for the block; a no-op where fcntl is missing."""
-    if os.name == "nt":  # no fcntl: MLflow itself migrates unlocked there
-        yield
-        return
-    import fcntl
-
-    with open(lock, "a") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(file, fcntl.LOCK_UN)
+    """The lock file of `database`, beside it: `mlflow.db.lock` for `mlflow.db`."""
+    return database.with_name(f"{database.name}.lock")

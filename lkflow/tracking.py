@@ -25,7 +25,9 @@ goes away during the fit does not: the write that failed and every later write o
 in order, to `mlruns-outbox/<run_id>/` in the working folder (`outbox_dir=`), with one
 warning, and `lkflow sync` delivers them into the run once the server is back (see
 lkflow/outbox.py for the layout). Every write goes through `_send`: while the server answers
-it is one MLflow call as before, retried for seconds rather than MLflow's minutes.
+it is one MLflow call as before, retried for seconds rather than MLflow's minutes. The fit
+owns the run's outbox (holds its lock) until it has written the run's end: a `lkflow sync`
+meanwhile leaves it alone.
 """
 
 from __future__ import annotations
@@ -357,11 +359,15 @@ class MLflowCallback(pl.Callback):
         self.client_.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _end_run(self, status: str) -> None:
-        if self._owns_run:
-            self._send({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
-            self._owns_run = False
-            if self._outbox is None:
-                self._print_link()
+        try:
+            if self._owns_run:
+                self._send({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
+                self._owns_run = False
+                if self._outbox is None:
+                    self._print_link()
+        finally:
+            if self._outbox is not None:
+                self._outbox.release()  # the fit has written all: `lkflow sync` may deliver it
 
     def _print_link(self) -> None:
         """The run's page on a tracking server, as MLflow prints it, without credentials."""
@@ -389,12 +395,24 @@ class MLflowCallback(pl.Callback):
                 if not is_unreachable(err):
                     raise
                 self._open_outbox(err)
-        self._outbox.append(entry)
+        if self._outbox.held:
+            self._outbox.append(entry)
+        else:  # a write after the fit let go of the outbox (log_figures): taken for it
+            self._outbox = self._take_outbox()
+            try:
+                self._outbox.append(entry)
+            finally:
+                self._outbox.release()
         return None
+
+    def _take_outbox(self) -> Outbox:
+        """The run's outbox, owned by this fit until it lets go (waits while a sync delivers)."""
+        uri = self.client_.tracking_uri
+        return Outbox.open(self._outbox_root, self.run_id_, self.experiment_id_, uri)
 
     def _open_outbox(self, err: BaseException) -> None:
         uri = self.client_.tracking_uri
-        self._outbox = Outbox.open(self._outbox_root, self.run_id_, self.experiment_id_, uri)
+        self._outbox = self._take_outbox()
         reason = type(err.__cause__ or err.__context__).__name__
         warnings.warn(
             f"The MLflow tracking server at {hide_credentials(uri)} stopped answering "
@@ -407,8 +425,11 @@ class MLflowCallback(pl.Callback):
     def _continue_outbox(self) -> None:
         """Writes of this run kept by an earlier fit wait in the outbox: this fit's go after
         them, so that `lkflow sync` delivers all of them in order."""
-        uri = self.client_.tracking_uri
-        self._outbox = Outbox.open(self._outbox_root, self.run_id_, self.experiment_id_, uri)
+        self._outbox = self._take_outbox()
+        if not self._outbox.journal.exists():  # a sync delivered them while this fit waited
+            self._outbox.remove()
+            self._outbox = None
+            return
         warnings.warn(
             f"Run {self.run_id_} has writes that an earlier fit kept in {self._outbox.folder}. "
             "This fit's writes join them there, in order; deliver them all with `lkflow sync`.",

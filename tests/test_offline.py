@@ -173,6 +173,7 @@ def test_a_resumed_fit_adds_its_writes_after_those_kept(tracking_uri: str, tmp_p
     (run,) = client.search_runs(["0"])
     kept = Outbox.open(tmp_path / "mlruns-outbox", run.info.run_id, "0", tracking_uri)
     kept.append({"op": "batch", "tags": {"kept": "before the resumed fit"}})
+    kept.release()  # as the earlier fit did when it ended
     model = make_model()
     with pytest.warns(UserWarning, match="writes that an earlier fit kept"):
         model.fit(*make_loaders(), epochs=3, gpus=0, verbose=0, ckpt_path="checkpoints/last.ckpt")
@@ -189,7 +190,7 @@ def test_a_resumed_fit_adds_its_writes_after_those_kept(tracking_uri: str, tmp_p
 
 def test_sync_names_a_server_it_cannot_reach_and_keeps_no_credentials(tmp_path: Path) -> None:
     uri = f"http://user:secret@127.0.0.1:{free_port()}"
-    Outbox.open(tmp_path / "mlruns-outbox", "0123abcd", "0", uri)
+    Outbox.open(tmp_path / "mlruns-outbox", "0123abcd", "0", uri).release()
     assert "secret" not in (tmp_path / "mlruns-outbox" / "0123abcd" / "run.json").read_text()
     without = CliRunner().invoke(main, ["sync"])
     assert without.exit_code == 1 and "whose credentials the outbox does not keep" in without.output
