@@ -4,6 +4,9 @@ Lightning's `save_last` writes `last.ckpt` only when a top-k checkpoint was save
 whose monitored value stops improving would resume from its last best. `LastCheckpoint` writes
 after every epoch instead; in an epoch that has just saved a new best, it hard-links the best
 file rather than writing the same state a second time, so each epoch writes one file.
+
+It overrides `ModelCheckpoint._save_checkpoint`, the one unpublished part of Lightning used
+here that cannot live in lkflow/internals.py (which documents it and tests its signature).
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from weakref import proxy
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+from lkflow.internals import last_global_step_saved, record_save
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -33,9 +38,10 @@ class LastCheckpoint(ModelCheckpoint):
         )
         self.best = best
 
+    @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         best = self.best.best_model_path
-        best_saved_now = bool(best) and self.best._last_global_step_saved == trainer.global_step
+        best_saved_now = bool(best) and last_global_step_saved(self.best) == trainer.global_step
         # Sharded strategies save a folder, and remote paths are no local files: write those.
         if not best_saved_now or not self._is_local_file(trainer, best):
             super()._save_checkpoint(trainer, filepath)
@@ -43,11 +49,7 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             _link_or_copy(best, filepath)
         trainer.strategy.barrier("lkflow.LastCheckpoint")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:  # as Lightning tells loggers of a checkpoint it wrote
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
+        record_save(self, trainer, filepath)
 
     @staticmethod
     def _is_local_file(trainer: pl.Trainer, path: str) -> bool:

@@ -6,6 +6,12 @@ an upgrade breaks there, by name, rather than somewhere in a fit.
     loader = with_sampler(loader, sampler)  # a DataLoader rebuilt around another sampler
     trains_in_child_processes(trainer)  # ddp_spawn, ddp_notebook: workers train, not this process
     with global_tracking_uri(uri): ...  # MLflow's global tracking URI for a block, then as it was
+    last_global_step_saved(checkpoint)  # the step at which a ModelCheckpoint last saved
+    record_save(checkpoint, trainer, filepath)  # a file counted as saved without writing it
+
+Overriding is the one use that cannot live here: `ModelCheckpoint._save_checkpoint(trainer,
+filepath)` is where a ModelCheckpoint writes each file, and lkflow/checkpoints.py overrides it.
+Its signature, and that Lightning writes every checkpoint file through it, are tested too.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, Sampler
 
 
@@ -60,3 +67,28 @@ def global_tracking_uri(uri: str) -> Iterator[None]:
     finally:
         if variable is not None:
             os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
+def last_global_step_saved(checkpoint: ModelCheckpoint) -> int:
+    """The global step at which `checkpoint` last saved a file (0 before its first).
+
+    Lightning reads it to save at most once a step; a checkpoint that saved in this step has
+    `last_global_step_saved(checkpoint) == trainer.global_step`.
+    """
+    step: int = checkpoint._last_global_step_saved
+    return step
+
+
+def record_save(checkpoint: ModelCheckpoint, trainer: pl.Trainer, filepath: str) -> None:
+    """Counts `filepath` as saved by `checkpoint` at this step, for a file it put in place itself.
+
+    Sets what Lightning's own `_save_checkpoint` sets after writing (the step and the path of
+    the last save), and tells the Trainer's loggers of the checkpoint, on rank zero, as it does.
+    """
+    from weakref import proxy
+
+    checkpoint._last_global_step_saved = trainer.global_step
+    checkpoint._last_checkpoint_saved = filepath
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(proxy(checkpoint))

@@ -3,15 +3,25 @@ what it needs."""
 
 from __future__ import annotations
 
+import inspect
 import os
+from pathlib import Path
 
 import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import make_loaders, make_model
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 
-from lkflow.internals import global_tracking_uri, trains_in_child_processes, with_sampler
+from lkflow.internals import (
+    global_tracking_uri,
+    last_global_step_saved,
+    record_save,
+    trains_in_child_processes,
+    with_sampler,
+)
 
 
 class _Loader(DataLoader):
@@ -67,3 +77,65 @@ def test_the_global_tracking_uri_is_the_clients_inside_and_as_it_was_after(
         assert os.environ.get("MLFLOW_TRACKING_URI") == (None if before is None else outside)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def tiny_fit(*callbacks: pl.Callback, epochs: int = 2) -> pl.Trainer:
+    """A real fit of the rings, 2 batches an epoch, with `callbacks`."""
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+    trainer.fit(make_model(), *make_loaders())
+    return trainer
+
+
+class _SavesThrough(ModelCheckpoint):
+    """Notes every file Lightning has it save, as lkflow.checkpoints.LastCheckpoint sees them."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.saved: list[str] = []
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        self.saved.append(Path(filepath).name)
+        super()._save_checkpoint(trainer, filepath)
+
+
+def test_every_checkpoint_file_is_saved_through_the_overridden_method() -> None:
+    assert list(inspect.signature(ModelCheckpoint._save_checkpoint).parameters) == [
+        "self",
+        "trainer",
+        "filepath",
+    ]
+    every_epoch = _SavesThrough(dirpath="ckpt", filename="{epoch}", save_top_k=-1)
+    tiny_fit(every_epoch)
+    assert every_epoch.saved == ["epoch=0.ckpt", "epoch=1.ckpt"]
+    assert sorted(path.name for path in Path("ckpt").iterdir()) == every_epoch.saved
+
+
+def test_a_save_leaves_its_global_step_behind() -> None:
+    checkpoint = ModelCheckpoint(dirpath="ckpt")  # no monitor: saves after every epoch
+    assert last_global_step_saved(checkpoint) == 0
+    trainer = tiny_fit(checkpoint, epochs=3)
+    assert trainer.global_step == 6
+    assert last_global_step_saved(checkpoint) == 6
+
+
+def _changed(checkpoint: ModelCheckpoint, before: dict) -> dict:
+    return {key: value for key, value in vars(checkpoint).items() if before.get(key) != value}
+
+
+def test_a_recorded_save_leaves_a_checkpoint_as_lightnings_own_save_does() -> None:
+    trainer = tiny_fit()
+    written, recorded = ModelCheckpoint(dirpath="ckpt"), ModelCheckpoint(dirpath="ckpt")
+    before = dict(vars(written))
+    written._save_checkpoint(trainer, "ckpt/written.ckpt")
+    record_save(recorded, trainer, "ckpt/written.ckpt")
+    assert Path("ckpt/written.ckpt").is_file()
+    assert _changed(recorded, before) == _changed(written, before)
+    assert last_global_step_saved(recorded) == trainer.global_step == 4
