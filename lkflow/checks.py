@@ -6,12 +6,57 @@ import copy
 import math
 import os
 import tempfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sized
+from typing import TYPE_CHECKING, Any, cast
 
+import torch
 import torchmetrics
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from lkflow.errors import LkflowError
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+
+def check_net(net: Any) -> None:
+    if not isinstance(net, torch.nn.Module):
+        raise LkflowError(
+            f"Received: net={net!r}. Expected a torch.nn.Module instance, such as Net()."
+        )
+
+
+def check_has_loss(loss_fn: Any, own_step: bool) -> None:
+    """Fails on a model without `loss_fn` that leaves the loss to the default step."""
+    if loss_fn is None and not own_step:
+        raise LkflowError(
+            "Received: loss_fn=None and no shared_step. Pass a loss, such as "
+            "LightModel(net, loss_fn=nn.BCEWithLogitsLoss()), or subclass LightModel and "
+            "override shared_step(batch) to return {'loss': ..., **metrics}."
+        )
+
+
+def check_net_given(model_class: str, net: Any) -> None:
+    """Fails on `load_from_checkpoint` without the net, which a checkpoint does not hold."""
+    if net is None:
+        raise LkflowError(
+            f"{model_class}.load_from_checkpoint needs the net: checkpoints hold weights, "
+            "not modules. Pass a fresh one: "
+            f"{model_class}.load_from_checkpoint(path, net=Net())."
+        )
+
+
+def step_values(values: Any) -> Mapping[str, Any]:
+    """What `shared_step` returned, as a dict with a `loss` key; a tensor is the loss alone."""
+    if isinstance(values, torch.Tensor):
+        values = {"loss": values}
+    if not isinstance(values, Mapping) or "loss" not in values:
+        keys = list(values) if isinstance(values, Mapping) else type(values).__name__
+        raise LkflowError(
+            f"Received: shared_step returned {keys}. Expected a dict with a 'loss' key, "
+            "such as {'loss': loss, 'acc': acc}."
+        )
+    return values
 
 
 def stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, torchmetrics.Metric]:
@@ -58,7 +103,30 @@ def check_loader(name: str, loader: Any) -> None:
 
 def _dataset_size(loader: Any) -> str:
     dataset = getattr(loader, "dataset", None)
-    return str(len(dataset)) if hasattr(dataset, "__len__") else "unknown"
+    return str(len(cast(Sized, dataset))) if hasattr(dataset, "__len__") else "unknown"
+
+
+def check_monitors(trainer: pl.Trainer, values: Mapping[str, Any]) -> None:
+    """Fails at the first step when a checkpoint or early stopping watches a key never logged.
+
+    Args:
+        trainer: The Trainer of the fit, with its callbacks.
+        values: What the first training step returned: the keys logged, and as `val_` keys
+            when there is validation data, besides `lr`.
+    """
+    logged = list(values)
+    if sum(trainer.num_val_batches or [0]) > 0:
+        logged += [f"val_{key}" for key in values]
+    logged += ["lr"]
+    # in the order of trainer.callbacks, where Lightning puts checkpoints last
+    for callback in [*trainer.early_stopping_callbacks, *trainer.checkpoint_callbacks]:
+        monitor = getattr(callback, "monitor", None)
+        watches = isinstance(callback, (ModelCheckpoint, EarlyStopping)) and monitor
+        if watches and monitor not in logged:
+            raise LkflowError(
+                f"Received: monitor={monitor!r} ({type(callback).__name__}), which is "
+                f"never logged. Logged keys: {', '.join(logged)}. Pass one of them."
+            )
 
 
 def check_fit_args(

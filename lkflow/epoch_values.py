@@ -8,7 +8,7 @@ that every row counts once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Any, cast
 
 import pytorch_lightning as pl
@@ -63,6 +63,43 @@ class EpochValues:
             computed[key] = float(metric.compute())
         self.reset()
         return {f"{prefix}{key}": value for key, value in computed.items()}
+
+
+class EpochRows:
+    """Each stage's epoch values (train, val, test), and the history row of a training epoch.
+
+    Lightning validates before a training epoch ends, so the row holds the epoch's training
+    values, the `val_` values of its validation, and the learning rate it started with.
+    """
+
+    def __init__(self) -> None:
+        self.stages = {stage: EpochValues() for stage in ("train", "val", "test")}
+        self.val_row: dict[str, float] = {}
+        self.lr: float | None = None
+
+    def reset(self) -> None:
+        """No values in any stage (as after each epoch's `compute`), for a new run."""
+        for values in self.stages.values():
+            values.reset()
+
+    def start_training(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """A new training epoch: no validation values yet, and the learning rate it starts with."""
+        self.val_row = {}
+        self.lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
+
+    def add(self, stage: str, values: Mapping[str, Any], batch: Any) -> None:
+        self.stages[stage].add(values, rows_in(batch))
+
+    def compute(self, stage: str, strategy: Any) -> dict[str, float]:
+        """`stage`'s epoch values over every row on every process, keys prefixed `val_`, `test_`."""
+        return self.stages[stage].compute(strategy, prefix="" if stage == "train" else f"{stage}_")
+
+    def train_row(self, epoch: int, train: Mapping[str, float]) -> dict[str, float]:
+        """The history row of training epoch `epoch`, whose values are `train`."""
+        row = {"epoch": epoch, **train, **self.val_row}
+        if self.lr is not None:
+            row["lr"] = self.lr
+        return row
 
 
 class EachRowOnce(DistributedSampler[int]):

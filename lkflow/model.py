@@ -5,6 +5,9 @@ Subclass it and write `shared_step(batch) -> {"loss": ..., **metrics}`, or pass 
 values are accumulated on the device and read once per epoch, never per step. With several
 processes (DDP), sums and row counts are added up across them, so every process holds the
 values over the whole data set.
+
+Here are the module's steps, epoch hooks, optimizers and checkpoint hooks; what `fit`,
+`evaluate` and `predict` assemble around it (the callbacks, the Trainer) is in lkflow/fit.py.
 """
 
 from __future__ import annotations
@@ -13,29 +16,36 @@ import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
+import torchmetrics
+from pytorch_lightning.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from lkflow.checkpoints import LastCheckpoint
-from lkflow.checks import check_finite, check_fit_args, check_loader, is_metric, stage_metrics
+from lkflow.checks import (
+    check_finite,
+    check_fit_args,
+    check_has_loss,
+    check_monitors,
+    check_net,
+    check_net_given,
+    is_metric,
+    stage_metrics,
+    step_values,
+)
 from lkflow.devices import Gpus, trainer_device_kwargs
-from lkflow.epoch_values import EpochValues, each_row_once, rows_in
+from lkflow.epoch_values import EpochRows
 from lkflow.errors import LkflowError
+from lkflow.fit import evaluate_model, fit_callbacks, fit_model, predict_outputs, tracker_of
 from lkflow.layers import naming_the_failing_layer
-from lkflow.progress import EpochLogger
-from lkflow.trainer import build_trainer, fit_passing_interrupts, quiet, tracker_of
 
 if TYPE_CHECKING:
     import pandas as pd
     from torch.utils.data import DataLoader
 
-_STAGES = ("train", "val", "test")
 _NOT_HPARAMS = ["net", "loss_fn", "metrics", "optimizer", "lr_scheduler"]
 
 
@@ -69,10 +79,7 @@ class LightModel(pl.LightningModule):
         lr_scheduler: Any = None,
     ) -> None:
         super().__init__()
-        if not isinstance(net, nn.Module):
-            raise LkflowError(
-                f"Received: net={net!r}. Expected a torch.nn.Module instance, such as Net()."
-            )
+        check_net(net)
         self.net = net
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -83,30 +90,17 @@ class LightModel(pl.LightningModule):
         self._functions = {k: v for k, v in (metrics or {}).items() if not is_metric(v)}
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
-        self._epochs = {stage: EpochValues() for stage in _STAGES}
-        self._val_row: dict[str, float] = {}
-        self._epoch_lr: float | None = None
+        self._epochs = EpochRows()
         self._keys_checked = False  # whether the monitored keys were checked in this fit
         self._first_step = True  # the first step of a run names a layer that fails
         self.save_hyperparameters(ignore=_NOT_HPARAMS)
-        self._check_has_loss()
-
-    def _check_has_loss(self) -> None:
-        own_step = type(self).shared_step is not LightModel.shared_step
-        own_training = type(self).training_step is not LightModel.training_step
-        if self.loss_fn is None and not (own_step or own_training):
-            raise LkflowError(
-                "Received: loss_fn=None and no shared_step. Pass a loss, such as "
-                "LightModel(net, loss_fn=nn.BCEWithLogitsLoss()), or subclass LightModel and "
-                "override shared_step(batch) to return {'loss': ..., **metrics}."
-            )
+        check_has_loss(loss_fn, own_step=_has_own_step(type(self)))
 
     @override
     def forward(self, x: Any) -> Any:
         return self.net(x)
 
     # ---- steps ---------------------------------------------------------------------------
-
     def shared_step(self, batch: Any) -> dict[str, Any]:
         """One batch's loss and metrics; the default uses `loss_fn` and `metrics` on `(x, y)`.
 
@@ -120,16 +114,11 @@ class LightModel(pl.LightningModule):
         Returns:
             The batch's loss and metrics, such as `{"loss": loss, "acc": acc}`.
         """
+        check_has_loss(self.loss_fn, own_step=False)
         x, y = _split_xy(batch)
         preds = self(x)
-        values: dict[str, Any] = {"loss": self.loss_fn(preds, y)}
-        stage_metrics: nn.ModuleDict = getattr(self, f"{self._stage()}_metrics")
-        for name, metric in stage_metrics.items():
-            metric.update(preds, y)
-            values[name] = metric
-        for name, function in self._functions.items():
-            values[name] = function(preds, y)
-        return values
+        metrics: nn.ModuleDict = getattr(self, f"{_stage_of(self.trainer)}_metrics")
+        return _batch_values(preds, y, cast(nn.Module, self.loss_fn), metrics, self._functions)
 
     def example_input(self, batch: Any) -> torch.Tensor:
         """The net's input in `batch`: `batch[0]` of a tuple or list, or the batch itself.
@@ -142,21 +131,15 @@ class LightModel(pl.LightningModule):
         Returns:
             The input tensor.
         """
-        if isinstance(batch, torch.Tensor):
-            return batch
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-            return batch[0]
-        raise LkflowError(
-            f"Received: a batch of type {type(batch).__name__}. Expected a tensor or (x, ...) "
-            "with x a tensor; override example_input(batch) to return the net's input."
-        )
+        return _first_tensor(batch)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         values = self._step(batch, "train")
         if not self._keys_checked:
-            self._check_monitors(values)
-        return values["loss"]
+            self._keys_checked = True
+            check_monitors(self.trainer, values)
+        return cast(torch.Tensor, values["loss"])
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -168,96 +151,47 @@ class LightModel(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        self._epochs.reset()  # nothing left from a run that an exception ended mid-epoch
         self._keys_checked = False
         self._first_step = True
 
-    def _step(self, batch: Any, stage: str) -> dict[str, Any]:
+    def _step(self, batch: Any, stage: str) -> Mapping[str, Any]:
         watch = naming_the_failing_layer(self.net) if self._first_step else contextlib.nullcontext()
         with watch:
-            values = self.shared_step(batch)
+            values = step_values(self.shared_step(batch))
         self._first_step = False
-        if isinstance(values, torch.Tensor):
-            values = {"loss": values}
-        if not isinstance(values, Mapping) or "loss" not in values:
-            keys = list(values) if isinstance(values, Mapping) else type(values).__name__
-            raise LkflowError(
-                f"Received: shared_step returned {keys}. Expected a dict with a 'loss' key, "
-                "such as {'loss': loss, 'acc': acc}."
-            )
-        self._epochs[stage].add(values, rows_in(batch))
+        self._epochs.add(stage, values, batch)
         return values
 
-    def _stage(self) -> str:
-        if self.trainer.training:
-            return "train"
-        return "test" if self.trainer.testing else "val"
-
     # ---- epoch ends ----------------------------------------------------------------------
-
     @override
     def on_train_epoch_start(self) -> None:
-        self._epochs["train"].reset()
-        self._val_row = {}
-        self._epoch_lr = _first_lr(self.trainer.optimizers)
-
-    @override
-    def on_validation_epoch_start(self) -> None:
-        self._epochs["val"].reset()
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self._epochs["test"].reset()
+        self._epochs.start_training(self.trainer.optimizers)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        values = self._epochs["val"].compute(self.trainer.strategy, prefix="val_")
-        if self.trainer.sanity_checking:
-            return
-        self._val_row = values
-        self.log_dict(values)
+        values = self._epochs.compute("val", self.trainer.strategy)
+        if not self.trainer.sanity_checking:
+            self._epochs.val_row = values
+            self.log_dict(values)
 
     @override
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._epochs["test"].compute(self.trainer.strategy, prefix="test_"))
+        self.log_dict(self._epochs.compute("test", self.trainer.strategy))
 
     @override
     def on_train_epoch_end(self) -> None:
-        train = self._epochs["train"].compute(self.trainer.strategy, prefix="")
-        row = {"epoch": self.current_epoch, **train, **self._val_row}
-        if self._epoch_lr is not None:
-            row["lr"] = self._epoch_lr
-        self.history.append(row)
+        train = self._epochs.compute("train", self.trainer.strategy)
+        self.history.append(self._epochs.train_row(self.current_epoch, train))
         self.log_dict(train)
-        check_finite(row)
-
-    def _check_monitors(self, values: Mapping[str, Any]) -> None:
-        """Fail at the first step when a checkpoint or early stopping watches a key never logged."""
-        self._keys_checked = True
-        logged = list(values)
-        if sum(self.trainer.num_val_batches or [0]) > 0:
-            logged += [f"val_{key}" for key in values]
-        logged += ["lr"]
-        for callback in self.trainer.callbacks:
-            monitor = getattr(callback, "monitor", None)
-            watches = isinstance(callback, (ModelCheckpoint, EarlyStopping)) and monitor
-            if watches and monitor not in logged:
-                raise LkflowError(
-                    f"Received: monitor={monitor!r} ({type(callback).__name__}), which is "
-                    f"never logged. Logged keys: {', '.join(logged)}. Pass one of them."
-                )
+        check_finite(self.history[-1])
 
     # ---- optimizers and checkpoints ------------------------------------------------------
-
     @override
     def configure_optimizers(self) -> Any:
         if self.optimizer is None:
             self.optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
-        if self.lr_scheduler is None:
-            return self.optimizer
-        scheduler = self.lr_scheduler
-        if not isinstance(scheduler, Mapping):
-            scheduler = {"scheduler": scheduler}
-        return {"optimizer": self.optimizer, "lr_scheduler": dict(scheduler)}
+        return _optimizers(self.optimizer, self.lr_scheduler)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -270,7 +204,7 @@ class LightModel(pl.LightningModule):
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
         cls,
-        checkpoint_path: str | os.PathLike[str],
+        checkpoint_path: str | Path | IO[bytes],
         *,
         net: nn.Module | None = None,
         map_location: Any = None,
@@ -295,27 +229,15 @@ class LightModel(pl.LightningModule):
         Example:
             >>> clone = Model.load_from_checkpoint(path, net=Net())  # doctest: +SKIP
         """
-        if net is None:
-            raise LkflowError(
-                f"{cls.__name__}.load_from_checkpoint needs the net: checkpoints hold weights, "
-                "not modules. Pass a fresh one: "
-                f"{cls.__name__}.load_from_checkpoint(path, net=Net())."
-            )
-        return super().load_from_checkpoint(
-            checkpoint_path,
-            map_location=map_location,
-            strict=strict,
-            weights_only=True,
-            net=net,
-            **kwargs,
-        )
+        check_net_given(cls.__name__, net)
+        options = {"map_location": map_location, "strict": strict, "weights_only": True}
+        return super().load_from_checkpoint(checkpoint_path, net=net, **options, **kwargs)
 
     # ---- Keras-style API -----------------------------------------------------------------
-
     def fit(
         self,
-        train_data: DataLoader,
-        val_data: DataLoader | None = None,
+        train_data: DataLoader[Any],
+        val_data: DataLoader[Any] | None = None,
         *,
         epochs: int = 10,
         gpus: Gpus = None,
@@ -372,59 +294,14 @@ class LightModel(pl.LightningModule):
         """
         monitor = monitor or ("val_loss" if val_data is not None else "loss")
         check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
-        device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
-        checkpoint = ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename=f"{{epoch}}-{{{monitor}:.4f}}",
-            monitor=monitor,
-            mode=mode,
-            save_top_k=1,
-        )
-        fit_callbacks: list[Callback] = [checkpoint, LastCheckpoint(checkpoint), *callbacks]
-        if patience is not None:
-            fit_callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
-        if verbose == 2:
-            fit_callbacks.append(EpochLogger())
+        trainer_kwargs |= trainer_device_kwargs(gpus, trainer_kwargs)
         tracker = tracker_of(track, experiment_name, run_name, registered_model_name, tracking_uri)
-        if tracker is not None:
-            fit_callbacks.append(tracker)
-        with quiet(verbose):
-            trainer = build_trainer(
-                epochs, verbose, fit_callbacks, {**trainer_kwargs, **device_kwargs}
-            )
-            if val_data is not None:
-                val_data = each_row_once("val_data", val_data, trainer, trainer_kwargs)
-            fit_passing_interrupts(trainer, self, train_data, val_data, ckpt_path=ckpt_path)
-        if tracker is not None:
-            self.run_id = tracker.run_id_
-        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-            self._take_back_from_workers(checkpoint, tracker)
-        self._restore_best(checkpoint.best_model_path)
+        every = fit_callbacks(ckpt_dir, monitor, mode, patience, verbose, callbacks, tracker)
+        fit_model(self, train_data, val_data, epochs, verbose, ckpt_path, every, trainer_kwargs)
         return self.history_frame()
 
-    def _take_back_from_workers(
-        self, checkpoint: ModelCheckpoint, tracker: Callback | None
-    ) -> None:
-        """The history and run id that forked or spawned processes (`ddp_notebook`) kept.
-
-        Lightning sends only the weights and the best checkpoint's path back to this process;
-        the newest last checkpoint holds the rest.
-        """
-        lasts = sorted(Path(checkpoint.dirpath).glob("last*.ckpt"), key=os.path.getmtime)
-        if not lasts:
-            return
-        saved = torch.load(lasts[-1], map_location="cpu", weights_only=True)
-        self.history = [dict(row) for row in saved.get("lkflow_history", [])]
-        if tracker is not None:
-            self.run_id = saved.get("callbacks", {}).get(tracker.state_key, {}).get("run_id")
-
-    def _restore_best(self, best_model_path: str) -> None:
-        if best_model_path:
-            state = torch.load(best_model_path, map_location=self.device, weights_only=True)
-            self.load_state_dict(state["state_dict"])
-
     def evaluate(
-        self, data: DataLoader, *, gpus: Gpus = None, **trainer_kwargs: Any
+        self, data: DataLoader[Any], *, gpus: Gpus = None, **trainer_kwargs: Any
     ) -> dict[str, float]:
         """The loss and metrics over a whole DataLoader.
 
@@ -441,15 +318,9 @@ class LightModel(pl.LightningModule):
             >>> model.evaluate(dl_valid)  # doctest: +SKIP
             {'loss': 0.16, 'acc': 0.93}
         """
-        check_loader("data", data)
-        device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
-        with quiet(0):
-            trainer = build_trainer(1, 0, [], {**trainer_kwargs, **device_kwargs})
-            data = each_row_once("data", data, trainer, trainer_kwargs)
-            (results,) = trainer.test(self, dataloaders=data, verbose=False)
-        return {key.removeprefix("test_"): value for key, value in results.items()}
+        return evaluate_model(self, data, gpus, trainer_kwargs)
 
-    def predict(self, data: DataLoader | Iterable[Any] | torch.Tensor) -> torch.Tensor:
+    def predict(self, data: DataLoader[Any] | Iterable[Any] | torch.Tensor) -> torch.Tensor:
         """The net's outputs, batches concatenated, on the CPU.
 
         Args:
@@ -462,17 +333,7 @@ class LightModel(pl.LightningModule):
         Example:
             >>> probabilities = torch.sigmoid(model.predict(dl_valid))  # doctest: +SKIP
         """
-        batches = [data] if isinstance(data, torch.Tensor) else data
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                outputs = [self.net(self.example_input(b).to(self.device)) for b in batches]
-        finally:
-            self.train(was_training)
-        if not outputs:
-            raise LkflowError("Received: data with no batches. Pass a non-empty DataLoader.")
-        return torch.cat(outputs).cpu()
+        return predict_outputs(self, data)
 
     def history_frame(self) -> pd.DataFrame:
         """The history as a DataFrame, one row per epoch.
@@ -495,7 +356,43 @@ def _split_xy(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def _first_lr(optimizers: list[torch.optim.Optimizer]) -> float | None:
-    if not optimizers:
-        return None
-    return float(optimizers[0].param_groups[0]["lr"])
+def _batch_values(
+    preds: Any, y: Any, loss_fn: nn.Module, metrics: nn.ModuleDict, functions: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The default step's values: the loss, the metrics updated with the batch, the functions."""
+    values: dict[str, Any] = {"loss": loss_fn(preds, y)}
+    for name, metric in metrics.items():
+        cast(torchmetrics.Metric, metric).update(preds, y)
+        values[name] = metric
+    for name, function in functions.items():
+        values[name] = function(preds, y)
+    return values
+
+
+def _first_tensor(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise LkflowError(
+        f"Received: a batch of type {type(batch).__name__}. Expected a tensor or (x, ...) "
+        "with x a tensor; override example_input(batch) to return the net's input."
+    )
+
+
+def _stage_of(trainer: pl.Trainer) -> str:
+    return "train" if trainer.training else ("test" if trainer.testing else "val")
+
+
+def _has_own_step(cls: type[LightModel]) -> bool:
+    """Whether `cls` computes the loss itself: it defines shared_step or training_step anew."""
+    steps = ("shared_step", "training_step")
+    return any(getattr(cls, name) is not getattr(LightModel, name) for name in steps)
+
+
+def _optimizers(optimizer: torch.optim.Optimizer, scheduler: Any) -> Any:
+    """What `configure_optimizers` returns: the optimizer, or it and Lightning's scheduler dict."""
+    if scheduler is None:
+        return optimizer
+    scheduler = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}
