@@ -230,7 +230,7 @@ class LightModel(pl.LightningModule):
             >>> clone = Model.load_from_checkpoint(path, net=Net())  # doctest: +SKIP
         """
         check_net_given(cls.__name__, net)
-        options = {"map_location": map_location, "strict": strict, "weights_only": True}
+        options = dict(map_location=map_location, strict=strict, weights_only=True)
         return super().load_from_checkpoint(checkpoint_path, net=net, **options, **kwargs)
 
     # ---- Keras-style API -----------------------------------------------------------------

@@ -1,15 +1,17 @@
-"""Shared fixtures: a seeded tiny net and data, and a fresh MLflow sqlite store per test."""
+"""Fixtures only: every test seeded in a folder of its own, the rings' loaders, a fresh MLflow
+sqlite store per test, and fits in processes of their own (what they build is in helpers.py)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import fresh_store, make_loaders
+from helpers import FIT_WORKER, Worker, fresh_store, make_loaders
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from torch.utils.data import DataLoader
@@ -69,6 +71,24 @@ def tracking_uri(
 
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Worker:
+    script = tmp_path / "fit_worker.py"
+    script.write_text(FIT_WORKER)
+    return Worker(script)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; any still running at its end are killed (only those)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,18 +1,38 @@
-"""What tests build: the article's tiny net, the rings in loaders, a Keras-style model, a store."""
+"""What tests build: the article's tiny net, the rings in loaders, Keras-style models, a store,
+and fits in processes of their own.
+
+Fits in separate processes run `fit_worker.py` (`FIT_WORKER`, written by the `worker` fixture of
+conftest.py); every check of what a run holds goes through `MlflowClient`.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torchmetrics
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy
 
+import lkflow
 from lkflow.datasets import rings
 from lkflow.model import LightModel
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+ROOT = Path(lkflow.__file__).resolve().parents[1]
 
 
 class Net(nn.Module):
@@ -64,3 +84,169 @@ def fresh_store(folder: Path, migrated: Path) -> str:
         )
     connection.close()
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+class ArticleModel(LightModel):
+    """The article's subclass: shared_step returns the loss and a functional accuracy."""
+
+    def shared_step(self, batch):
+        x, y = batch
+        logits = self(x)
+        acc = torchmetrics.functional.accuracy((logits > 0).float(), y, task="binary")
+        return {"loss": nn.functional.binary_cross_entropy_with_logits(logits, y), "acc": acc}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def keras_model(lr: float = 1e-2, **kwargs) -> LightModel:
+    net = Net()
+    return LightModel(
+        net,
+        loss_fn=nn.BCEWithLogitsLoss(),
+        metrics={"acc": torchmetrics.classification.BinaryAccuracy()},
+        optimizer=torch.optim.SGD(net.parameters(), lr=lr),
+        **kwargs,
+    )
+
+
+def full_pass(net: nn.Module, loader: DataLoader) -> tuple[float, float]:
+    """Loss and accuracy over every row at once: the independent recomputation."""
+    x, y = loader.dataset.tensors
+    with torch.no_grad():
+        logits = net(x)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+    return loss, ((logits > 0).float() == y).float().mean().item()
+
+
+def fit_quietly(model, train, valid=None, **kwargs):
+    settings = {"epochs": 1, "gpus": 0, "track": False, **kwargs}
+    return model.fit(train, valid, verbose=0, **settings)
+
+
+def small_loaders(train_rows: Dataset | None = None) -> tuple[DataLoader, DataLoader]:
+    """Train (192 rows, or `train_rows`) and validation (128 rows) loaders of the rings."""
+    train = train_rows if train_rows is not None else rings(192, seed=1)
+    return DataLoader(train, batch_size=64, shuffle=True), DataLoader(rings(128, seed=2), 64)
+
+
+def only_run(client: MlflowClient) -> Any:
+    (run,) = client.search_runs(["0"])
+    return run
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(metric.step for metric in client.get_metric_history(run_id, key))
+
+
+# ---- fits in processes of their own -------------------------------------------------------
+
+FIT_WORKER = '''
+"""A tracked fit of the rings in a process of its own: python fit_worker.py '{...settings}'.
+
+Settings: uri, epochs, ckpt_path, experiment, registered (a name, or false); `batch_s`, a
+sleep after every batch; `stall_epoch` and `stall_s`: after batch 1 of that epoch the fit
+writes the file `marker` and sleeps `stall_s`. Prints the run id and history as JSON.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lkflow import LightModel
+from lkflow.datasets import rings
+
+
+class Stall(pl.Callback):
+    def __init__(self, settings):
+        self.settings = settings
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.settings.get("stall_epoch") and batch_idx == 1:
+            Path("marker").write_text(str(trainer.current_epoch))
+            time.sleep(self.settings.get("stall_s", 0))
+        time.sleep(self.settings.get("batch_s", 0))
+
+
+def build():
+    """A seeded model (SGD with momentum, a StepLR schedule) and unshuffled loaders."""
+    pl.seed_everything(0, verbose=False)
+    net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    model = LightModel(
+        net,
+        loss_fn=nn.BCEWithLogitsLoss(),
+        optimizer=optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5),
+    )
+    train = DataLoader(rings(256, seed=1), batch_size=32)
+    valid = DataLoader(rings(128, seed=2), batch_size=64)
+    return model, train, valid
+
+
+if __name__ == "__main__":
+    settings = json.loads(sys.argv[1])
+    model, train, valid = build()
+    model.fit(
+        train,
+        valid,
+        epochs=settings["epochs"],
+        gpus=0,
+        verbose=0,
+        callbacks=[Stall(settings)],
+        ckpt_path=settings.get("ckpt_path"),
+        experiment_name=settings.get("experiment"),
+        registered_model_name=settings.get("registered", False),
+        tracking_uri=settings["uri"],
+    )
+    print(json.dumps({"run_id": model.run_id, "history": model.history}))
+'''
+
+
+class Worker:
+    """Starts `fit_worker.py` in a folder of its own, with the lkflow under test; its output
+    goes to `out.txt` and `err.txt` there (a pipe nobody reads would stall it)."""
+
+    def __init__(self, script: Path) -> None:
+        self.script = script
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def start(self, folder: Path, **settings: Any) -> subprocess.Popen:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "out.txt", "w") as out, open(folder / "err.txt", "w") as err:
+            return subprocess.Popen(
+                [sys.executable, str(self.script), json.dumps(settings)],
+                cwd=folder,
+                env=self.env,
+                stdout=out,
+                stderr=err,
+            )
+
+    def module(self) -> ModuleType:
+        """The script imported here, for its `build()`."""
+        spec = importlib.util.spec_from_file_location("fit_worker", self.script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def finished(process: subprocess.Popen, folder: Path, timeout_s: float = 120) -> dict[str, Any]:
+    """The JSON a worker printed; fails with its errors when it did not end well."""
+    process.wait(timeout=timeout_s)
+    assert process.returncode == 0, (folder / "err.txt").read_text()[-4000:]
+    return json.loads((folder / "out.txt").read_text().strip().splitlines()[-1])
+
+
+def wait_for(marker: Path, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            errors = (marker.parent / "err.txt").read_text()[-4000:]
+            raise AssertionError(f"no {marker.name} from the worker:\n{errors}")
+        time.sleep(0.05)

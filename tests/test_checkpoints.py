@@ -1,14 +1,19 @@
-"""The best checkpoint and `last.ckpt`: one file written per epoch, neither overwriting the other."""
+"""The best checkpoint and `last.ckpt`: one file written per epoch, neither overwriting the other;
+resuming from the last epoch; every checkpoint loaded with weights only."""
 
 from __future__ import annotations
 
+import ast
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from helpers import make_loaders, make_model
+from helpers import ROOT, make_loaders, make_model, only_run, small_loaders
+from mlflow import MlflowClient
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.plugins import TorchCheckpointIO
 
@@ -131,3 +136,62 @@ def test_loggers_hear_of_last_whether_it_was_written_or_linked() -> None:
     assert [name for name in logger.told if name != "last.ckpt"] == [
         name for name in io.saved if name != "last.ckpt"
     ]
+
+
+class _StopsAtEpochStart(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"stopped at the start of epoch {self.epoch}")
+
+
+def test_resuming_from_last_continues_after_the_last_epoch_not_the_last_best(
+    tracking_uri: str,
+) -> None:
+    # mode="max" on a falling val_loss: only epoch 0 is ever a new best, and Lightning 2.6
+    # writes its own last.ckpt only with a new best
+    first = make_model()
+    with pytest.raises(RuntimeError, match="epoch 3"):
+        first.fit(
+            *small_loaders(),
+            epochs=5,
+            gpus=0,
+            verbose=0,
+            mode="max",
+            callbacks=[_StopsAtEpochStart(3)],
+        )
+    assert [row["epoch"] for row in first.history] == [0, 1, 2]
+
+    resumed = make_model()
+    resumed.fit(*small_loaders(), epochs=5, gpus=0, verbose=0, mode="max", ckpt_path="last")
+    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3, 4]
+    assert resumed.history[:3] == first.history
+    client = MlflowClient(tracking_uri)
+    run = only_run(client)
+    assert run.info.status == "FINISHED" and resumed.run_id == run.info.run_id
+    for key in ("loss", "val_loss", "lr"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert logged == [(row["epoch"], pytest.approx(row[key])) for row in resumed.history], key
+
+
+def _calls(source: str) -> Iterator[ast.Call]:
+    yield from (node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call))
+
+
+def test_every_checkpoint_and_state_dict_is_loaded_with_weights_only() -> None:
+    loads = 0
+    for path in sorted((ROOT / "lkflow").rglob("*.py")):
+        for call in _calls(path.read_text()):
+            name = ast.unparse(call.func)
+            keywords = {k.arg: k.value for k in call.keywords}
+            where = f"{path.name}:{call.lineno} {name}"
+            if name == "torch.load":
+                loads += 1
+                assert "weights_only" in keywords, where
+            if "weights_only" in keywords:
+                value = keywords["weights_only"]
+                assert isinstance(value, ast.Constant) and value.value is True, where
+            assert name not in ("pickle.load", "pickle.loads", "torch.serialization.load"), where
+    assert loads >= 2  # the scan sees the loads that exist

@@ -242,3 +242,12 @@ def test_serve_answers_the_example_request_with_thebest_version(store: str, tmp_
         with urllib.request.urlopen(request, timeout=30) as response:
             predictions = json.load(response)["predictions"]
         assert len(predictions) == 1 and 0.0 <= predictions[0][0] <= 1.0
+
+
+def test_servers_lkflow_starts_listen_on_localhost_by_default() -> None:
+    from lkflow.cli import serve
+
+    (host,) = [option for option in serve.params if option.name == "host"]
+    assert host.default == "127.0.0.1"
+    for path in (ROOT / "lkflow").rglob("*.py"):
+        assert "0.0.0.0" not in path.read_text(), path.name

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from helpers import fit_quietly, keras_model
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -82,3 +83,15 @@ def test_one_gpu_where_cuda_is_present():
     too_many = torch.cuda.device_count() + 1
     with pytest.raises(LkflowError, match=f"has {too_many - 1} CUDA device"):
         trainer_device_kwargs(too_many, {})
+
+
+@pytest.mark.parametrize("gpus", ["x", -2, 1.5, [0, 0], "0,a", True])
+def test_unknown_gpus_forms(loaders, gpus):
+    with pytest.raises(LkflowError, match=re.escape(f"gpus={gpus!r}")):
+        fit_quietly(keras_model(), *loaders, gpus=gpus)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+def test_asking_for_a_gpu_without_cuda_says_how_to_run_on_the_cpu(loaders):
+    with pytest.raises(LkflowError, match="CUDA is not available.*Run on the CPU with gpus=0"):
+        keras_model().fit(*loaders, epochs=1, gpus=1, track=False, verbose=0)

@@ -1,31 +1,33 @@
-"""Reliability: faults in user code, SIGTERM, a killed fit resumed, concurrent writers of one
-sqlite store, bad input tried on purpose, and secrets kept out of the run.
+"""Reliability: faults in user code, a killed fit resumed, concurrent writers of one sqlite
+store, bad input tried on purpose, and secrets kept out of the run.
 
-Fits in separate processes run `fit_worker.py` (written by the `worker` fixture); every check of
-what a run holds goes through `MlflowClient`.
+Fits in separate processes run `fit_worker.py` (written by the `worker` fixture of conftest.py);
+every check of what a run holds goes through `MlflowClient`.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import json
-import os
 import re
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import Net, fresh_store, make_model
+from helpers import (
+    Net,
+    Worker,
+    finished,
+    fresh_store,
+    make_model,
+    only_run,
+    small_loaders,
+    steps,
+    wait_for,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow import MlflowClient
@@ -33,32 +35,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_model_name
 from servers import free_port, mlflow_server
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-import lkflow
 from lkflow import LightModel, LkflowError
 from lkflow.checks import check_registered_model_name
 from lkflow.datasets import rings
 from lkflow.params import MASK, flatten
 from lkflow.store import check_tracking_uri
-from lkflow.tasks import parse_params
-
-ROOT = Path(lkflow.__file__).resolve().parents[1]
-
-
-def make_loaders(train_rows: Dataset | None = None) -> tuple[DataLoader, DataLoader]:
-    train = train_rows if train_rows is not None else rings(192, seed=1)
-    return DataLoader(train, batch_size=64, shuffle=True), DataLoader(rings(128, seed=2), 64)
-
-
-def only_run(client: MlflowClient) -> Any:
-    (run,) = client.search_runs(["0"])
-    return run
-
-
-def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(metric.step for metric in client.get_metric_history(run_id, key))
-
 
 # ---- an exception in user code -----------------------------------------------------------
 
@@ -116,7 +99,7 @@ def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
     model = make_model(model_class=_FailsInEpochOne)
     model.where, model.error = where, error
     callbacks = [_FailsAtEpochEnd(error)] if where == "epoch_end" else []
-    loaders = make_loaders(_UnreadableRow(error) if where == "data_loading" else None)
+    loaders = small_loaders(_UnreadableRow(error) if where == "data_loading" else None)
     with pytest.raises(type(error)) as raised:
         model.fit(*loaders, epochs=3, gpus=0, verbose=0, callbacks=callbacks)
     assert raised.value is error  # the very object, unwrapped
@@ -133,197 +116,7 @@ def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
     assert logged == {best, "last.ckpt"} and best.startswith("epoch=0-")
 
 
-class _StopsAtEpochStart(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError(f"stopped at the start of epoch {self.epoch}")
-
-
-def test_resuming_from_last_continues_after_the_last_epoch_not_the_last_best(
-    tracking_uri: str,
-) -> None:
-    # mode="max" on a falling val_loss: only epoch 0 is ever a new best, and Lightning 2.6
-    # writes its own last.ckpt only with a new best
-    first = make_model()
-    with pytest.raises(RuntimeError, match="epoch 3"):
-        first.fit(
-            *make_loaders(),
-            epochs=5,
-            gpus=0,
-            verbose=0,
-            mode="max",
-            callbacks=[_StopsAtEpochStart(3)],
-        )
-    assert [row["epoch"] for row in first.history] == [0, 1, 2]
-
-    resumed = make_model()
-    resumed.fit(*make_loaders(), epochs=5, gpus=0, verbose=0, mode="max", ckpt_path="last")
-    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3, 4]
-    assert resumed.history[:3] == first.history
-    client = MlflowClient(tracking_uri)
-    run = only_run(client)
-    assert run.info.status == "FINISHED" and resumed.run_id == run.info.run_id
-    for key in ("loss", "val_loss", "lr"):
-        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        assert logged == [(row["epoch"], pytest.approx(row[key])) for row in resumed.history], key
-
-
 # ---- fits in processes of their own -------------------------------------------------------
-
-_WORKER = '''
-"""A tracked fit of the rings in a process of its own: python fit_worker.py '{...settings}'.
-
-Settings: uri, epochs, ckpt_path, experiment, registered (a name, or false); `batch_s`, a
-sleep after every batch; `stall_epoch` and `stall_s`: after batch 1 of that epoch the fit
-writes the file `marker` and sleeps `stall_s`. Prints the run id and history as JSON.
-"""
-import json
-import sys
-import time
-from pathlib import Path
-
-import pytorch_lightning as pl
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
-
-from lkflow import LightModel
-from lkflow.datasets import rings
-
-
-class Stall(pl.Callback):
-    def __init__(self, settings):
-        self.settings = settings
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.current_epoch == self.settings.get("stall_epoch") and batch_idx == 1:
-            Path("marker").write_text(str(trainer.current_epoch))
-            time.sleep(self.settings.get("stall_s", 0))
-        time.sleep(self.settings.get("batch_s", 0))
-
-
-def build():
-    """A seeded model (SGD with momentum, a StepLR schedule) and unshuffled loaders."""
-    pl.seed_everything(0, verbose=False)
-    net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    model = LightModel(
-        net,
-        loss_fn=nn.BCEWithLogitsLoss(),
-        optimizer=optimizer,
-        lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5),
-    )
-    train = DataLoader(rings(256, seed=1), batch_size=32)
-    valid = DataLoader(rings(128, seed=2), batch_size=64)
-    return model, train, valid
-
-
-if __name__ == "__main__":
-    settings = json.loads(sys.argv[1])
-    model, train, valid = build()
-    model.fit(
-        train,
-        valid,
-        epochs=settings["epochs"],
-        gpus=0,
-        verbose=0,
-        callbacks=[Stall(settings)],
-        ckpt_path=settings.get("ckpt_path"),
-        experiment_name=settings.get("experiment"),
-        registered_model_name=settings.get("registered", False),
-        tracking_uri=settings["uri"],
-    )
-    print(json.dumps({"run_id": model.run_id, "history": model.history}))
-'''
-
-
-class Worker:
-    """Starts `fit_worker.py` in a folder of its own, with the lkflow under test; its output
-    goes to `out.txt` and `err.txt` there (a pipe nobody reads would stall it)."""
-
-    def __init__(self, script: Path) -> None:
-        self.script = script
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    def start(self, folder: Path, **settings: Any) -> subprocess.Popen:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "out.txt", "w") as out, open(folder / "err.txt", "w") as err:
-            return subprocess.Popen(
-                [sys.executable, str(self.script), json.dumps(settings)],
-                cwd=folder,
-                env=self.env,
-                stdout=out,
-                stderr=err,
-            )
-
-    def module(self) -> ModuleType:
-        """The script imported here, for its `build()`."""
-        spec = importlib.util.spec_from_file_location("fit_worker", self.script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-@pytest.fixture
-def worker(tmp_path: Path) -> Worker:
-    script = tmp_path / "fit_worker.py"
-    script.write_text(_WORKER)
-    return Worker(script)
-
-
-def finished(process: subprocess.Popen, folder: Path, timeout_s: float = 120) -> dict[str, Any]:
-    """The JSON a worker printed; fails with its errors when it did not end well."""
-    process.wait(timeout=timeout_s)
-    assert process.returncode == 0, (folder / "err.txt").read_text()[-4000:]
-    return json.loads((folder / "out.txt").read_text().strip().splitlines()[-1])
-
-
-def wait_for(marker: Path, process: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not marker.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            errors = (marker.parent / "err.txt").read_text()[-4000:]
-            raise AssertionError(f"no {marker.name} from the worker:\n{errors}")
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen]]:
-    """Processes a test starts; any still running at its end are killed (only those)."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-@pytest.mark.slow
-def test_sigterm_ends_the_run_killed_and_the_process_promptly_non_zero(
-    tracking_uri: str, worker: Worker, tmp_path: Path, processes: list[subprocess.Popen]
-) -> None:
-    folder = tmp_path / "fit"
-    fit = worker.start(folder, uri=tracking_uri, epochs=50, batch_s=0.05, stall_epoch=2)
-    processes.append(fit)
-    wait_for(folder / "marker", fit)
-    sent = time.monotonic()
-    fit.send_signal(signal.SIGTERM)  # as a scheduler does
-    fit.wait(timeout=60)
-    assert time.monotonic() - sent < 10, "the fit did not stop promptly"
-    assert fit.returncode == 128 + signal.SIGTERM, (folder / "err.txt").read_text()[-4000:]
-
-    client = MlflowClient(tracking_uri)
-    run = only_run(client)
-    assert run.info.status == "KILLED"
-    last = client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", str(tmp_path))
-    saved = [row["epoch"] for row in torch.load(last, weights_only=True)["lkflow_history"]]
-    assert len(saved) >= 2 and saved == list(range(len(saved)))
-    for key in ("loss", "val_loss", "lr"):
-        assert steps(client, run.info.run_id, key) == saved, key
 
 
 @pytest.mark.slow
@@ -400,50 +193,12 @@ def test_three_fits_at_once_write_one_sqlite_store(
 
 
 # ---- bad input, tried on purpose ------------------------------------------------------------
-# Covered elsewhere: a batch that is not (x, y), shapes that do not fit the net (the layer
-# named), a metrics dict with a non-metric, epochs of 0, -1, 2.5 or "3", a monitor never
-# logged and a checkpoint folder under a file (test_model.py); every form of gpus, with
-# hypothesis (test_devices.py); -P values of the wrong type under `mlflow run`
-# (test_mlproject.py); a CLI target that does not exist or returns the wrong thing
-# (test_cli.py, test_tasks.py).
-
-
-def _no_file_can_be_created(folder: Path) -> bool:
-    probe = folder / "probe"
-    try:
-        probe.touch()
-    except OSError:
-        return True
-    probe.unlink()
-    return False
-
-
-def _read_only_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    folder.chmod(0o500)
-    if not _no_file_can_be_created(folder):
-        pytest.skip("this user (root) can write to a folder of mode 0o500")
-    return folder
-
-
-def _read_only_file_system(tmp_path: Path) -> Path:
-    folder = Path("/sys")  # sysfs: os.access says writable to root, yet no file can be made
-    if not folder.is_dir() or not _no_file_can_be_created(folder):
-        pytest.skip("needs sysfs at /sys, which refuses new files")
-    return folder
-
-
-@pytest.mark.parametrize("make_folder", [_read_only_folder, _read_only_file_system])
-def test_a_checkpoint_folder_no_file_can_be_created_in(
-    tracking_uri: str, tmp_path: Path, make_folder: Any
-) -> None:
-    folder = make_folder(tmp_path)
-    model = make_model()
-    with pytest.raises(LkflowError, match=re.escape(f"ckpt_dir='{folder}', which is not writable")):
-        model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, ckpt_dir=folder)
-    assert model.history == []
-    assert MlflowClient(tracking_uri).search_runs(["0"]) == []  # failed before any run
+# Covered elsewhere: a batch that is not (x, y) and shapes that do not fit the net (the layer
+# named) (test_model.py); a metrics dict with a non-metric, epochs of 0, -1, 2.5 or "3", a
+# monitor never logged and checkpoint folders no file can be created in (test_checks.py);
+# every form of gpus, with hypothesis (test_devices.py); -P values of the wrong type under
+# `mlflow run` (test_mlproject.py); a CLI target that does not exist or returns the wrong
+# thing, param pairs (test_cli.py, test_tasks.py).
 
 
 @pytest.mark.parametrize(
@@ -505,7 +260,7 @@ def test_a_file_store_passes_where_mlflow_is_told_to_open_one(
 def test_a_tracking_uri_typo_fails_the_fit_before_training(tmp_path: Path) -> None:
     model = make_model()
     with pytest.raises(LkflowError, match=r"tracking URI 'sqlite:/mlflow\.db'.*sqlite:///"):
-        model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, tracking_uri="sqlite:/mlflow.db")
+        model.fit(*small_loaders(), epochs=1, gpus=0, verbose=0, tracking_uri="sqlite:/mlflow.db")
     assert model.history == []
     assert not list(tmp_path.glob("*.db"))
 
@@ -530,25 +285,11 @@ def test_a_registered_name_mlflow_rejects_fails_before_training_and_keeps_the_ru
     with mlflow.start_run() as run:
         client.log_metric(run.info.run_id, "kept", 1.0)
         with pytest.raises(LkflowError, match=re.escape(f"registered_model_name={name!r}")):
-            model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, registered_model_name=name)
+            model.fit(*small_loaders(), epochs=1, gpus=0, verbose=0, registered_model_name=name)
     assert model.history == []
     kept = client.get_run(run.info.run_id)
     assert kept.data.metrics == {"kept": 1.0} and kept.data.params == {}
     assert client.search_registered_models() == []
-
-
-_KEYS = st.text(alphabet=st.characters(blacklist_characters="=", blacklist_categories=["Cs"]))
-
-
-@given(_KEYS.filter(lambda key: key.strip()), st.text())
-def test_param_pairs_split_at_the_first_equals_sign(key: str, value: str) -> None:
-    assert parse_params([f"{key}={value}"]) == {key.strip(): value}
-
-
-@given(st.text().filter(lambda pair: "=" not in pair or not pair.partition("=")[0].strip()))
-def test_param_pairs_without_a_key_are_refused_by_name(pair: str) -> None:
-    with pytest.raises(LkflowError, match=re.escape(f"--param {pair!r}. Expected key=value")):
-        parse_params([pair])
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -581,36 +322,6 @@ def test_flattening_keeps_every_leaf_under_its_dotted_path(params: dict[str, Any
 # ---- security -------------------------------------------------------------------------------
 
 
-def _calls(source: str) -> Iterator[ast.Call]:
-    yield from (node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call))
-
-
-def test_every_checkpoint_and_state_dict_is_loaded_with_weights_only() -> None:
-    loads = 0
-    for path in sorted((ROOT / "lkflow").glob("*.py")):
-        for call in _calls(path.read_text()):
-            name = ast.unparse(call.func)
-            keywords = {k.arg: k.value for k in call.keywords}
-            where = f"{path.name}:{call.lineno} {name}"
-            if name == "torch.load":
-                loads += 1
-                assert "weights_only" in keywords, where
-            if "weights_only" in keywords:
-                value = keywords["weights_only"]
-                assert isinstance(value, ast.Constant) and value.value is True, where
-            assert name not in ("pickle.load", "pickle.loads", "torch.serialization.load"), where
-    assert loads >= 2  # the scan sees the loads that exist
-
-
-def test_servers_lkflow_starts_listen_on_localhost_by_default() -> None:
-    from lkflow.cli import serve
-
-    (host,) = [option for option in serve.params if option.name == "host"]
-    assert host.default == "127.0.0.1"
-    for path in (ROOT / "lkflow").glob("*.py"):
-        assert "0.0.0.0" not in path.read_text(), path.name
-
-
 class _WithToken(LightModel):
     def __init__(self, net: nn.Module, api_token: str, hidden: int = 6, **kwargs: Any) -> None:
         super().__init__(net, **kwargs)
@@ -629,7 +340,7 @@ def test_secrets_never_become_params_or_tags(
         uri = f"http://alice:{secret}@127.0.0.1:{port}"
         net = Net()
         model = _WithToken(net, api_token=secret, loss_fn=nn.BCEWithLogitsLoss())
-        model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, tracking_uri=uri)
+        model.fit(*small_loaders(), epochs=1, gpus=0, verbose=0, tracking_uri=uri)
         client = MlflowClient(f"http://127.0.0.1:{port}")
         run = client.get_run(model.run_id)
         version = client.get_model_version("Net", "1")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mlflow import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader
@@ -150,3 +153,17 @@ def test_run_task_seeds_fits_tracks_and_logs_params_and_report(tracking_uri: str
         a.path for a in MlflowClient(tracking_uri).list_artifacts(run.info.run_id, "report")
     ]
     assert artifacts == ["report/confusion_matrix.png"]
+
+
+_KEYS = st.text(alphabet=st.characters(blacklist_characters="=", blacklist_categories=["Cs"]))
+
+
+@given(_KEYS.filter(lambda key: key.strip()), st.text())
+def test_param_pairs_split_at_the_first_equals_sign(key: str, value: str) -> None:
+    assert parse_params([f"{key}={value}"]) == {key.strip(): value}
+
+
+@given(st.text().filter(lambda pair: "=" not in pair or not pair.partition("=")[0].strip()))
+def test_param_pairs_without_a_key_are_refused_by_name(pair: str) -> None:
+    with pytest.raises(LkflowError, match=re.escape(f"--param {pair!r}. Expected key=value")):
+        parse_params([pair])
