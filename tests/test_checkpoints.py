@@ -424,3 +424,15 @@ def test_a_file_that_is_not_a_complete_checkpoint_is_named_before_any_run(
         assert "weights_only" not in "".join(traceback.format_exception(raised.value))
     assert model.history == []
     assert MlflowClient(tracking_uri).search_runs(["0"]) == []
+
+
+def test_partial_files_a_killed_fit_left_are_never_read_and_the_next_fit_removes_them() -> None:
+    make_model().fit(*make_loaders(), epochs=1, gpus=0, verbose=0, track=False)
+    for name in ("last.ckpt.partial", "epoch=1-val_loss=0.5000.ckpt.partial"):
+        Path("checkpoints", name).write_bytes(b"cut short by a kill")
+
+    resumed = make_model()
+    resumed.fit(*make_loaders(), epochs=2, gpus=0, verbose=0, track=False, ckpt_path="last")
+
+    assert [row["epoch"] for row in resumed.history] == [0, 1]
+    assert list(Path("checkpoints").glob("*.partial")) == []
