@@ -15,15 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from conftest import Net, make_loaders, make_model
+from click.testing import CliRunner
+from conftest import Net, fresh_store, make_loaders, make_model
 from mlflow import MlflowClient
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.plugins import TorchCheckpointIO
+from servers import free_port, mlflow_server
+from test_offline import _KillAtEpochEnd
 from test_reliability import Worker, finished, processes, wait_for  # noqa: F401 (a fixture)
 from torch import nn
 
 from lkflow import LightModel, LkflowError, MLflowCallback
+from lkflow.cli import main
 from lkflow.params import MASK
 
 
@@ -253,6 +258,55 @@ def test_a_fit_killed_around_a_checkpoint_resumes_without_duplicate_or_missing_s
     for key in ("loss", "val_loss", "lr"):
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         assert logged == [(row["epoch"], pytest.approx(row[key])) for row in history], key
+
+
+class _FailsAtEpochEnd(pl.Callback):
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 2:
+            raise RuntimeError("failed in epoch 2")
+
+
+@pytest.mark.slow
+def test_a_fit_resumed_while_its_rows_wait_in_the_outbox_logs_none_twice(
+    tmp_path: Path, migrated_store: Path
+) -> None:
+    # the server goes away after epoch 0, so rows 0 and 1 wait in the outbox, not in MLflow,
+    # when the fit fails in epoch 2 and is resumed from epoch 1's last.ckpt
+    (tmp_path / "server").mkdir()
+    backend, port = fresh_store(tmp_path / "server", migrated_store), free_port()
+    server = mlflow_server(backend, tmp_path / "served", tmp_path, port)
+    with server as url, pytest.warns(UserWarning, match="stopped answering"):
+        first = MLflowCallback(tracking_uri=url, log_model=False)
+        with pytest.raises(RuntimeError, match="failed in epoch 2"):
+            make_model().fit(
+                *make_loaders(),
+                epochs=4,
+                gpus=0,
+                verbose=0,
+                callbacks=[_KillAtEpochEnd(server, epoch=0), _FailsAtEpochEnd()],
+                track=first,
+            )
+    with mlflow_server(backend, tmp_path / "served", tmp_path, port):
+        resumed = make_model()
+        with pytest.warns(UserWarning, match="writes that an earlier fit kept"):
+            resumed.fit(
+                *make_loaders(),
+                epochs=4,
+                gpus=0,
+                verbose=0,
+                ckpt_path="last",
+                track=MLflowCallback(tracking_uri=url, log_model=False),
+            )
+        synced = CliRunner().invoke(main, ["sync"])
+        assert synced.exit_code == 0, synced.output
+        client = MlflowClient(url)
+        run = client.get_run(first.run_id_)
+        assert run.info.status == "FINISHED" and resumed.run_id == run.info.run_id
+        for key in ("loss", "val_loss", "lr"):
+            logged = sorted(
+                (m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)
+            )
+            assert logged == [(row["epoch"], pytest.approx(row[key])) for row in resumed.history]
 
 
 # ---- a full disk ---------------------------------------------------------------------------
