@@ -319,7 +319,8 @@ class LightModel(pl.LightningModule):
                 "not modules. Pass a fresh one: "
                 f"{cls.__name__}.load_from_checkpoint(path, net=Net())."
             )
-        if os.path.isfile(checkpoint_path):  # else Lightning's own error, or a remote file
+        local = isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path)
+        if local:  # else Lightning's own error, or a remote file or a file object
             saved = check_checkpoint(checkpoint_path, "checkpoint_path")
             _warn_of_masked(saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}, kwargs)
         return super().load_from_checkpoint(
