@@ -5,13 +5,21 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import torch
 import torchmetrics
 
 from lkflow.errors import LkflowError
+
+LAST = "last.ckpt"  # the checkpoint written after every epoch, which ckpt_path="last" means
+# What lkflow's checkpoints hold beyond Lightning's weights, and what resuming also needs.
+_CHECKPOINT_KEYS = ("state_dict", "lkflow_history")
+_RESUME_KEYS = ("epoch", "loops", "optimizer_states")
 
 
 def stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, torchmetrics.Metric]:
@@ -87,12 +95,101 @@ def check_fit_args(
     check_loader("train_data", train_data)
     if val_data is not None:
         check_loader("val_data", val_data)
-    if ckpt_path not in (None, "last") and not os.path.isfile(ckpt_path):
+    check_writable(ckpt_dir)
+    check_resumable(ckpt_path, ckpt_dir)
+
+
+def resume_path(
+    ckpt_path: str | os.PathLike[str] | None, ckpt_dir: str | os.PathLike[str]
+) -> str | None:
+    """The file a fit resumes from: None, `ckpt_path`, or for "last" the `last.ckpt` in
+    `ckpt_dir` (the one checked by `check_resumable`, rather than Lightning's own pick)."""
+    if ckpt_path is None:
+        return None
+    return os.path.join(ckpt_dir, LAST) if ckpt_path == "last" else os.fspath(ckpt_path)
+
+
+def check_resumable(
+    ckpt_path: str | os.PathLike[str] | None, ckpt_dir: str | os.PathLike[str]
+) -> None:
+    """Fails unless `ckpt_path` names a complete lkflow checkpoint to resume from.
+
+    Args:
+        ckpt_path: None (a fresh fit), "last", or the path of a `.ckpt`.
+        ckpt_dir: The fit's checkpoint folder, where "last" looks.
+
+    Raises:
+        LkflowError: Naming the file or folder and the fix.
+    """
+    path = resume_path(ckpt_path, ckpt_dir)
+    if path is None:
+        return
+    if ckpt_path == "last" and not os.path.isfile(path):
         raise LkflowError(
-            f"Received: ckpt_path={ckpt_path!r}, which is not a file. Pass a .ckpt written by "
+            f"Received: ckpt_path='last', but ckpt_dir={os.fspath(ckpt_dir)!r} holds no {LAST}, "
+            "so there is no fit to resume there. Expected the ckpt_dir of the fit to resume "
+            "(it writes last.ckpt after every epoch). Fix: pass that folder as ckpt_dir=..., or "
+            "leave ckpt_path unset to start a fresh fit."
+        )
+    if not os.path.isfile(path):
+        raise LkflowError(
+            f"Received: ckpt_path={path!r}, which is not a file. Pass a .ckpt written by "
             "a previous fit, or 'last' for the newest one."
         )
-    check_writable(ckpt_dir)
+    check_checkpoint(path, "ckpt_path", resume=True)
+
+
+def check_checkpoint(
+    path: str | os.PathLike[str], argument: str, resume: bool = False
+) -> dict[str, Any]:
+    """Reads the checkpoint at `path` (its tensors mapped, not read) and fails unless it is a
+    whole checkpoint that lkflow wrote: not empty, cut short or of another program.
+
+    Args:
+        path: A `.ckpt` file.
+        argument: The argument that named it, for the message, such as "ckpt_path".
+        resume: Also require the training state that resuming needs. Defaults to False.
+
+    Returns:
+        The checkpoint's contents.
+
+    Raises:
+        LkflowError: Naming the file and what is wrong with it.
+
+    Example:
+        >>> check_checkpoint("checkpoints/last.ckpt", "ckpt_path")["epoch"]  # doctest: +SKIP
+        9
+    """
+    saved, reason = _read_checkpoint(Path(path))
+    required = _CHECKPOINT_KEYS + (_RESUME_KEYS if resume else ())
+    missing = [key for key in required if key not in saved]
+    if reason is None and missing:
+        reason = f"it has no {', '.join(missing)}"
+    if reason is not None:
+        raise LkflowError(
+            f"Received: {argument}={os.fspath(path)!r}, which is not a complete lkflow "
+            f"checkpoint: {reason}. Expected a .ckpt that LightModel wrote while fitting. "
+            f"Fix: pass another checkpoint of that fit, such as the best epoch=....ckpt or "
+            f"{LAST} in its checkpoint folder."
+        )
+    return saved
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The checkpoint at `path`, or {} and why torch cannot read it as weights and values."""
+    if path.stat().st_size == 0:
+        return {}, "the file is empty"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # its message would suggest unpickling anything
+        return {}, "it holds objects other than tensors and plain values"
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, ValueError, OSError):  # a cut zip fails to seek, too
+        return {}, "it is cut short, or not a file that torch.save wrote"
+    if not isinstance(saved, dict):
+        return {}, f"it holds a {type(saved).__name__}, not a dict"
+    return saved, None
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:

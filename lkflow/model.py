@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,12 +23,21 @@ from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from torch import nn
 from typing_extensions import override
 
-from lkflow.checkpoints import LastCheckpoint
-from lkflow.checks import check_finite, check_fit_args, check_loader, is_metric, stage_metrics
+from lkflow.checkpoints import BestCheckpoint, LastCheckpoint
+from lkflow.checks import (
+    check_checkpoint,
+    check_finite,
+    check_fit_args,
+    check_loader,
+    is_metric,
+    resume_path,
+    stage_metrics,
+)
 from lkflow.devices import Gpus, trainer_device_kwargs
 from lkflow.epoch_values import EpochValues, each_row_once, rows_in
 from lkflow.errors import LkflowError
 from lkflow.layers import naming_the_failing_layer
+from lkflow.params import MASK, flatten, mask_secrets
 from lkflow.progress import EpochLogger
 from lkflow.trainer import build_trainer, fit_passing_interrupts, quiet, tracker_of
 
@@ -262,6 +272,9 @@ class LightModel(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lkflow_history"] = [dict(row) for row in self.history]
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, Mapping):  # secrets masked as in the run's params
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = mask_secrets(hparams)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -280,17 +293,22 @@ class LightModel(pl.LightningModule):
         """A model from a checkpoint, built around `net`, which receives the saved weights.
 
         Checkpoints hold weights and plain hyperparameters, never pickled modules, so the
-        net (and any loss, metrics or optimizer the constructor takes) is passed in again.
+        net (and any loss, metrics or optimizer the constructor takes) is passed in again;
+        so are secrets (`api_key=...`), which checkpoints hold masked as `'***'`.
 
         Args:
             checkpoint_path: A `.ckpt` file written while fitting.
             net: A fresh instance of the net class that was trained. Required.
             map_location: Where to load tensors, as in `torch.load`. Defaults to None.
             strict: Whether every key must match. Defaults to None (Lightning's default).
-            **kwargs: Other constructor arguments, such as `loss_fn=`.
+            **kwargs: Other constructor arguments, such as `loss_fn=` or `api_key=`.
 
         Returns:
             The model, with the history of the fit that wrote the checkpoint.
+
+        Raises:
+            LkflowError: Without `net`, or for a file that is not a complete lkflow
+                checkpoint (empty, cut short, or of another program).
 
         Example:
             >>> clone = Model.load_from_checkpoint(path, net=Net())  # doctest: +SKIP
@@ -301,6 +319,10 @@ class LightModel(pl.LightningModule):
                 "not modules. Pass a fresh one: "
                 f"{cls.__name__}.load_from_checkpoint(path, net=Net())."
             )
+        local = isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path)
+        if local:  # else Lightning's own error, or a remote file or a file object
+            saved = check_checkpoint(checkpoint_path, "checkpoint_path")
+            _warn_of_masked(saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}, kwargs)
         return super().load_from_checkpoint(
             checkpoint_path,
             map_location=map_location,
@@ -373,7 +395,8 @@ class LightModel(pl.LightningModule):
         monitor = monitor or ("val_loss" if val_data is not None else "loss")
         check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
         device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
-        checkpoint = ModelCheckpoint(
+        ckpt_path = resume_path(ckpt_path, ckpt_dir)
+        checkpoint = BestCheckpoint(
             dirpath=ckpt_dir,
             filename=f"{{epoch}}-{{{monitor}:.4f}}",
             monitor=monitor,
@@ -483,6 +506,24 @@ class LightModel(pl.LightningModule):
         import pandas as pd
 
         return pd.DataFrame(self.history)
+
+
+def _warn_of_masked(hparams: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Warns of hyperparameters held masked in a checkpoint and not passed again."""
+    masked = [key for key, value in hparams.items() if key not in given and _holds_mask(value)]
+    if masked:
+        names = ", ".join(f"{key}=..." for key in masked)
+        warnings.warn(
+            f"The checkpoint holds {', '.join(masked)} masked as {MASK!r} (lkflow keeps "
+            f"secrets out of checkpoints), so the model gets {MASK!r}. Pass {names} to "
+            "load_from_checkpoint for the real value.",
+            stacklevel=3,
+        )
+
+
+def _holds_mask(value: Any) -> bool:
+    values = flatten(value).values() if isinstance(value, Mapping) else [value]
+    return any(isinstance(v, str) and v == MASK for v in values)
 
 
 def _split_xy(batch: Any) -> tuple[Any, Any]:

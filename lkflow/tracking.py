@@ -6,8 +6,9 @@
 What one fit logs, all through `MlflowClient` calls naming the run, from rank zero only:
 - params (train start): the module's hparams, optimizer, scheduler, epochs, batch size,
   precision, devices, seed, the net's class and size, the data sizes; batched, 100 a call.
-- metrics: each `history` row once, `step=epoch`, one batched call per epoch; at the end
-  `best_<monitor>` and `best_epoch`.
+- metrics: each `history` row once, `step=epoch`, one batched call per epoch, after the
+  epoch's checkpoint is written; at the end `best_<monitor>` and `best_epoch`. A resumed fit
+  first reads which steps its run holds, and logs only the rows of the others.
 - inputs: the training and validation sets (rows, digest).
 - artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
   of the bare net), `history.csv`, `curves.png`, `summary.txt`.
@@ -39,7 +40,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -201,8 +202,8 @@ class MLflowCallback(pl.Callback):
                 f"experiment_name={self.experiment_name!r} applies to new runs only.",
                 stacklevel=2,
             )
-        if self._restored.get("run_id") == self.run_id_:
-            self._n_logged = int(self._restored.get("n_logged", 0))
+        if self._restored:  # resumed: whatever the moment the fit before it stopped
+            self._logged_at = self._steps_held(pl_module.history)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -261,18 +262,8 @@ class MLflowCallback(pl.Callback):
             self._end_run(status)
 
     @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Lightning took state_dict() before this hook; the module adds its history after it.
-        # Logging the rows now and saving the count again keeps both in step on resume.
-        if trainer.is_global_zero and self.run_id_ is not None:
-            self._log_rows(pl_module)
-            checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
-
-    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id_, "n_logged": self._n_logged}
+        return {"run_id": self.run_id_}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -512,24 +503,51 @@ class MLflowCallback(pl.Callback):
             self._send({"op": "inputs", "datasets": datasets})
 
     def _log_rows(self, pl_module: pl.LightningModule) -> None:
-        """History rows not logged yet: one batched call, each row at `step=epoch`."""
+        """History rows not logged yet: one batched call, each row at `step=epoch`, except
+        rows whose step the run already holds (logged before the fit was resumed)."""
         rows = pl_module.history[self._n_logged :]
-        if not rows:
-            return
+        steps = [int(row.get("epoch", self._n_logged + i)) for i, row in enumerate(rows)]
+        new = [
+            (step, row)
+            for step, row in zip(steps, rows, strict=True)
+            if step not in self._logged_at
+        ]
+        if new:
+            self._name_metrics(row for _, row in new)
+            now = int(time.time() * 1000)
+            values = [
+                (self._metric_names[key], float(value), now, step)
+                for step, row in new
+                for key, value in row.items()
+                if key != "epoch"
+            ]
+            self._log_metrics(values)
+            self._logged_at.update(dict.fromkeys([step for step, _ in new], now))
+        self._n_logged += len(rows)
+
+    def _name_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Adds the MLflow names of the rows' keys to `_metric_names`."""
         keys = [key for row in rows for key in row if key != "epoch"]
         if not set(keys) <= set(self._metric_names):
             self._metric_names = sanitize_keys(dict.fromkeys([*self._metric_names, *keys]))
-        now = int(time.time() * 1000)
-        steps = [int(row.get("epoch", self._n_logged + i)) for i, row in enumerate(rows)]
-        values = [
-            (self._metric_names[key], float(value), now, step)
-            for step, row in zip(steps, rows, strict=True)
-            for key, value in row.items()
-            if key != "epoch"
-        ]
-        self._log_metrics(values)
-        self._logged_at.update(dict.fromkeys(steps, now))
-        self._n_logged += len(rows)
+
+    def _steps_held(self, history: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+        """Step -> time in ms of the rows the run holds, logged by the fits before a resume.
+
+        One metric's history tells them (every row is logged in one call), read from MLflow
+        and from the run's outbox, whose writes have not reached MLflow yet.
+        """
+        first = next((key for key in history[0] if key != "epoch"), None) if history else None
+        if first is None:
+            return {}
+        self._name_metrics(history[:1])
+        key = self._metric_names[first]
+        with bounded_http_retries():
+            points = self.client_.get_metric_history(self.run_id_, key)
+        held = {point.step: point.timestamp for point in points}
+        for entry in self._outbox.entries() if self._outbox is not None else []:
+            held.update({step: at for name, _, at, step in entry.get("metrics", []) if name == key})
+        return held
 
     def _log_metrics(
         self, values: Sequence[tuple[str, float, int, int]], to_model: bool = False
