@@ -25,6 +25,7 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
+from click.testing import CliRunner
 from conftest import Net, fresh_store, make_model
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,9 +39,10 @@ from torch.utils.data import DataLoader, Dataset
 import lkflow
 from lkflow import LightModel, LkflowError
 from lkflow.checks import check_registered_model_name
+from lkflow.cli import main
 from lkflow.datasets import rings
 from lkflow.params import MASK, flatten
-from lkflow.store import check_tracking_uri
+from lkflow.store import check_sqlite_file, check_tracking_uri
 from lkflow.tasks import parse_params
 
 ROOT = Path(lkflow.__file__).resolve().parents[1]
@@ -508,6 +510,52 @@ def test_a_tracking_uri_typo_fails_the_fit_before_training(tmp_path: Path) -> No
         model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, tracking_uri="sqlite:/mlflow.db")
     assert model.history == []
     assert not list(tmp_path.glob("*.db"))
+
+
+def _not_a_database(path: Path, kind: str) -> None:
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_text("run,loss\n1,0.5\n")
+
+
+@pytest.mark.parametrize("kind", ["folder", "text file"])
+def test_a_mlflow_db_that_is_not_a_sqlite_database_fails_the_fit_at_once(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "mlflow.db"  # the default store, sqlite:///mlflow.db
+    _not_a_database(path, kind)
+    model = make_model()
+    started = time.monotonic()
+    with pytest.raises(LkflowError) as raised:
+        model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0)
+    assert time.monotonic() - started < 30  # not MLflow's 100 seconds of retries
+    message = str(raised.value)
+    found = "a folder" if kind == "folder" else "a file that is not a sqlite database"
+    assert f"but {path} is {found}" in message
+    assert "Move it out of the way" in message and "MLFLOW_TRACKING_URI" in message
+    assert model.history == [] and not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("kind", ["folder", "text file"])
+def test_lkflow_runs_on_a_mlflow_db_that_is_not_a_sqlite_database_is_one_line(
+    tmp_path: Path, kind: str
+) -> None:
+    _not_a_database(tmp_path / "mlflow.db", kind)
+    result = CliRunner().invoke(main, ["runs"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("Error: Received: tracking URI 'sqlite:///")
+    assert f"{tmp_path / 'mlflow.db'} is a " in line and "Move it out of the way" in line
+
+
+def test_an_empty_or_real_sqlite_file_passes_the_store_check(
+    tmp_path: Path, migrated_store: Path
+) -> None:
+    (tmp_path / "empty.db").touch()  # MLflow makes its tables in it
+    check_sqlite_file(f"sqlite:///{tmp_path / 'empty.db'}")
+    check_sqlite_file(f"sqlite:///{migrated_store}")
+    check_sqlite_file(f"sqlite:///{tmp_path / 'missing.db'}")
 
 
 @given(st.text(max_size=12))
