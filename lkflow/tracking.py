@@ -18,7 +18,8 @@ A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflo
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
 the run and ends it FINISHED, FAILED on an exception, or KILLED on Ctrl-C. An exception also
 leaves its type and message in the tag `lkflow.error` and its traceback's last lines in
-`traceback.txt`; the exception itself reaches the caller unchanged.
+`traceback.txt`; the exception itself reaches the caller unchanged. A later fit of the run that
+finishes moves that tag to `lkflow.previous_error` (traceback.txt stays, the last error's).
 
 The store is only read until the first training batch has gone through: a mistake that the
 arguments, the sanity check or the first step reveal fails the fit before any run is created
@@ -263,6 +264,7 @@ class MLflowCallback(pl.Callback):
             self._open()
         self._log_rows(pl_module)
         self._log_outputs(trainer, pl_module)
+        self._clear_error()
         self._end_run("FINISHED")
 
     @override
@@ -473,6 +475,17 @@ class MLflowCallback(pl.Callback):
             path = Path(folder) / "traceback.txt"
             path.write_text(hide_credentials("\n".join(lines[-_TRACEBACK_LINES:])) + "\n")
             self._send({"op": "artifacts", "paths": [str(path)], "artifact_path": None})
+
+    def _clear_error(self) -> None:
+        """A run found with the `lkflow.error` of an earlier fit that failed: now that this fit
+        finished, the tag moves to `lkflow.previous_error` (traceback.txt stays, that error's)."""
+        if self._found is None:
+            return
+        error = self._found[0].data.tags.get("lkflow.error")
+        if error is not None:
+            self._send({"op": "batch", "tags": {"lkflow.previous_error": error}})
+        # also where the error only waits in the outbox: deleting a tag that is not there passes
+        self._send({"op": "delete_tag", "key": "lkflow.error"})
 
     # ---- params, data and metrics ------------------------------------------------------
 

@@ -41,6 +41,7 @@ from lkflow import LightModel, LkflowError
 from lkflow.checks import check_registered_model_name
 from lkflow.cli import main
 from lkflow.datasets import rings
+from lkflow.outbox import Outbox, deliver
 from lkflow.params import MASK, flatten
 from lkflow.store import check_sqlite_file, check_tracking_uri
 from lkflow.tasks import parse_params
@@ -695,3 +696,40 @@ def test_secrets_never_become_params_or_tags(
     for what, values in texts.items():
         leaks = {k: v for k, v in values.items() if secret in k or secret in str(v)}
         assert not leaks, what
+
+
+# ---- the error of an earlier fit ---------------------------------------------------------
+
+
+def test_deleting_a_tag_through_deliver_passes_when_it_is_gone(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run("0").info.run_id
+    client.set_tag(run_id, "lkflow.error", "RuntimeError: boom")
+    entry = {"op": "delete_tag", "key": "lkflow.error"}
+    deliver(client, run_id, entry, {"model_id": None})
+    assert "lkflow.error" not in client.get_run(run_id).data.tags
+    deliver(client, run_id, entry, {"model_id": None}, maybe_sent=True)  # already deleted
+
+
+def test_a_resumed_fit_into_the_outbox_drops_the_error_tag_at_sync(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    error = RuntimeError("failed at the end of epoch 1")
+    with pytest.raises(RuntimeError):
+        make_model().fit(
+            *make_loaders(), epochs=3, gpus=0, verbose=0, callbacks=[_FailsAtEpochEnd(error)]
+        )
+    client = MlflowClient(tracking_uri)
+    run_id = only_run(client).info.run_id
+    # writes of the run kept earlier: the resumed fit's writes join them in the outbox
+    Outbox.open(tmp_path / "mlruns-outbox", run_id, "0", tracking_uri).append(
+        {"op": "batch", "tags": {"kept": "yes"}}
+    )
+    with pytest.warns(UserWarning, match="writes that an earlier fit kept"):
+        make_model().fit(*make_loaders(), epochs=3, gpus=0, verbose=0, ckpt_path="last")
+    assert client.get_run(run_id).data.tags["lkflow.error"] == f"RuntimeError: {error}"
+    synced = CliRunner().invoke(main, ["sync"])
+    assert synced.exit_code == 0, synced.output
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "lkflow.error" not in run.data.tags
+    assert run.data.tags["lkflow.previous_error"] == f"RuntimeError: {error}"

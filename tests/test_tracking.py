@@ -463,6 +463,23 @@ def test_resumed_fit_continues_the_same_run(tracking_uri: str, tmp_path: Path) -
         assert sorted(m.step for m in client.get_metric_history(tracker.run_id_, key)) == [0, 1, 2]
 
 
+def test_a_resumed_fit_that_finishes_moves_the_error_tag_aside(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError):
+        plain_fit(MLflowCallback(log_model=False), tmp_path, 3, callbacks=(_Boom(),))
+    client = MlflowClient(tracking_uri)
+    (failed,) = client.search_runs(["0"])
+    assert failed.data.tags["lkflow.error"] == "RuntimeError: boom"
+    tracker = MLflowCallback(log_model=False)
+    plain_fit(tracker, tmp_path, 3, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    run = client.get_run(failed.info.run_id)
+    assert run.info.status == "FINISHED" and tracker.run_id_ == failed.info.run_id
+    assert "lkflow.error" not in run.data.tags
+    assert run.data.tags["lkflow.previous_error"] == "RuntimeError: boom"
+    assert "traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
 def test_a_resumed_fit_may_run_more_epochs(tracking_uri: str, tmp_path: Path) -> None:
     first = MLflowCallback(log_model=False)
     plain_fit(first, tmp_path, 2)
