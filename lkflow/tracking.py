@@ -89,7 +89,7 @@ _EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input 
 class MLflowCallback(pl.Callback):
     """Logs a fit to MLflow, then logs and registers the bare net with its best weights.
 
-    Arguments are kept as passed; what they resolve to at fit start lives in attributes
+    Arguments are kept as passed; what they resolve to during the fit lives in attributes
     with a trailing underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`,
     `model_version_`.
 
@@ -426,7 +426,7 @@ class MLflowCallback(pl.Callback):
             What `deliver` returns (the model id, the model version), or None once in the outbox
             or before the run opened.
         """
-        if not self._opened:  # params, tags and datasets only: no files wait here
+        if not self._opened:  # before the first batch: params, tags, datasets; no files
             self._pending.append(entry)
             return None
         if self._outbox is None:
