@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torchmetrics
+from torch import nn
 
 from lkflow.errors import LkflowError
 
@@ -20,6 +21,21 @@ LAST = "last.ckpt"  # the checkpoint written after every epoch, which ckpt_path=
 # What lkflow's checkpoints hold beyond Lightning's weights, and what resuming also needs.
 _CHECKPOINT_KEYS = ("state_dict", "lkflow_history")
 _RESUME_KEYS = ("epoch", "loops", "optimizer_states")
+# losses whose target is a float tensor (as the predictions), and those of class indices
+_FLOAT_TARGETS = (
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.KLDivLoss,
+    nn.SoftMarginLoss,
+    nn.MultiLabelSoftMarginLoss,
+    nn.PoissonNLLLoss,
+    nn.GaussianNLLLoss,
+)
+_INDEX_TARGETS = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)
 
 
 def stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, torchmetrics.Metric]:
@@ -239,3 +255,72 @@ def check_registered_model_name(name: Any) -> None:
             "holds no '/' or ':', is not '.' and does not start with '..', such as "
             "'rings-net', or False not to register."
         )
+
+
+def check_monitor(monitor: Any, val_data: Any) -> None:
+    """Fails on a monitored validation value (`val_...`) in a fit without validation data.
+
+    Args:
+        monitor: The history key that picks the best epoch.
+        val_data: The validation DataLoader, or None.
+
+    Raises:
+        LkflowError: Naming the key and the two fixes.
+
+    Example:
+        >>> check_monitor("val_loss", val_data=None)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lkflow.errors.LkflowError: Received: monitor='val_loss' and no val_data. ...
+    """
+    if val_data is None and isinstance(monitor, str) and monitor.startswith("val_"):
+        raise LkflowError(
+            f"Received: monitor={monitor!r} and no val_data. The `val_` values come from "
+            f"validation data. Pass val_data=..., or monitor={monitor.removeprefix('val_')!r} "
+            "for the training value."
+        )
+
+
+def loss_dtype_error(
+    loss_fn: Any, preds: Any, target: Any, err: BaseException
+) -> LkflowError | None:
+    """The error to raise when a torch loss failed on a target of the wrong dtype.
+
+    Torch says only "Found dtype Long but expected Float" (`nn.BCELoss` on int labels) or
+    "expected target dtype to be Long or Byte" (`nn.CrossEntropyLoss` on float ones).
+
+    Args:
+        loss_fn: The loss that raised `err` on `(preds, target)`.
+        preds: The net's output.
+        target: The labels of the batch.
+        err: The loss's error.
+
+    Returns:
+        An LkflowError naming the loss, the dtype received, the dtype expected and the fix;
+        None when the target's dtype is not what the loss refuses (then `err` stands).
+
+    Example:
+        >>> refused = RuntimeError("Found dtype Long but expected Float")
+        >>> print(loss_dtype_error(nn.BCELoss(), torch.zeros(2), torch.tensor([0, 1]), refused))
+        ... # doctest: +ELLIPSIS
+        Received: labels of dtype torch.int64 for BCELoss, ... TensorDataset(x, y.float()), ...
+    """
+    if not isinstance(preds, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return None
+    if isinstance(loss_fn, _FLOAT_TARGETS) and not target.is_floating_point():
+        expected = f"float labels, of the predictions' dtype {preds.dtype}"
+        fix = "y.float()"
+    elif (
+        isinstance(loss_fn, _INDEX_TARGETS)
+        and target.dtype != torch.long
+        and target.dim() < preds.dim()  # the same shape as preds: probabilities, not indices
+    ):
+        expected = "class indices of dtype torch.int64"
+        fix = "y.long()"
+    else:
+        return None
+    return LkflowError(
+        f"Received: labels of dtype {target.dtype} for {type(loss_fn).__name__}, which "
+        f"refused them ({err}). Expected {expected}. Fix the dataset's labels, such as "
+        f"TensorDataset(x, {fix}), or convert them in shared_step."
+    )

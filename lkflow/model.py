@@ -29,7 +29,9 @@ from lkflow.checks import (
     check_finite,
     check_fit_args,
     check_loader,
+    check_monitor,
     is_metric,
+    loss_dtype_error,
     resume_path,
     stage_metrics,
 )
@@ -97,7 +99,8 @@ class LightModel(pl.LightningModule):
         self._val_row: dict[str, float] = {}
         self._epoch_lr: float | None = None
         self._keys_checked = False  # whether the monitored keys were checked in this fit
-        self._first_step = True  # the first step of a run names a layer that fails
+        self._first_steps = set(_STAGES)  # the stages whose first step, still to come, names
+        # a layer that fails: the sanity check's validation step does not stand for training's
         self.save_hyperparameters(ignore=_NOT_HPARAMS)
         self._check_has_loss()
 
@@ -132,7 +135,13 @@ class LightModel(pl.LightningModule):
         """
         x, y = _split_xy(batch)
         preds = self(x)
-        values: dict[str, Any] = {"loss": self.loss_fn(preds, y)}
+        try:
+            values: dict[str, Any] = {"loss": self.loss_fn(preds, y)}
+        except RuntimeError as err:
+            explained = loss_dtype_error(self.loss_fn, preds, y, err)
+            if explained is None:
+                raise
+            raise explained from err
         stage_metrics: nn.ModuleDict = getattr(self, f"{self._stage()}_metrics")
         for name, metric in stage_metrics.items():
             metric.update(preds, y)
@@ -179,13 +188,15 @@ class LightModel(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self._keys_checked = False
-        self._first_step = True
+        self._first_steps = set(_STAGES)
 
     def _step(self, batch: Any, stage: str) -> dict[str, Any]:
-        watch = naming_the_failing_layer(self.net) if self._first_step else contextlib.nullcontext()
+        first = stage in self._first_steps
+        watch = naming_the_failing_layer(self.net) if first else contextlib.nullcontext()
         with watch:
             values = self.shared_step(batch)
-        self._first_step = False
+        if first:
+            self._first_steps.discard(stage)
         if isinstance(values, torch.Tensor):
             values = {"loss": values}
         if not isinstance(values, Mapping) or "loss" not in values:
@@ -394,6 +405,7 @@ class LightModel(pl.LightningModule):
         """
         monitor = monitor or ("val_loss" if val_data is not None else "loss")
         check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
+        check_monitor(monitor, val_data)
         device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
         ckpt_path = resume_path(ckpt_path, ckpt_dir)
         checkpoint = BestCheckpoint(
