@@ -276,8 +276,16 @@ def tracking_client(uri: str) -> MlflowClient:
 
     check_sqlite_file(uri)
     path = sqlite_path(uri)
-    if path is None or not path.parent.is_dir():  # no folder: MLflow says what is wrong
+    if path is None:
         return MlflowClient(uri)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow makes it; the lock goes in it
+    except OSError as err:
+        raise LkflowError(
+            f"Received: tracking URI {hide_credentials(uri)!r}, whose folder {path.parent} "
+            f"cannot be created ({err.strerror}). Name a store in a folder you can write to: "
+            "tracking_uri=, --tracking-uri or MLFLOW_TRACKING_URI."
+        ) from err
     with FileLock(_lock_file(path)):
         return MlflowClient(uri)  # builds the tracking store: creates and migrates its tables
 

@@ -43,7 +43,7 @@ from lkflow.cli import main
 from lkflow.datasets import rings
 from lkflow.outbox import Outbox, deliver
 from lkflow.params import MASK, flatten
-from lkflow.store import check_sqlite_file, check_tracking_uri
+from lkflow.store import check_sqlite_file, check_tracking_uri, tracking_client
 from lkflow.tasks import parse_params
 
 ROOT = Path(lkflow.__file__).resolve().parents[1]
@@ -557,6 +557,17 @@ def test_an_empty_or_real_sqlite_file_passes_the_store_check(
     check_sqlite_file(f"sqlite:///{tmp_path / 'empty.db'}")
     check_sqlite_file(f"sqlite:///{migrated_store}")
     check_sqlite_file(f"sqlite:///{tmp_path / 'missing.db'}")
+
+
+def test_a_store_is_opened_in_a_new_folder_or_names_the_folder_it_cannot_make(
+    tmp_path: Path,
+) -> None:
+    client = tracking_client(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LkflowError, match=r"whose folder .*file/sub cannot be created"):
+        tracking_client(f"sqlite:///{tmp_path / 'file' / 'sub' / 'mlflow.db'}")
 
 
 @given(st.text(max_size=12))
