@@ -71,7 +71,7 @@ def inputs_of(
     """The net's inputs in a batch, as `split_batch` finds them, for predicting.
 
     A batch without a target is inputs whole here: a dict that holds no target key, a tuple of
-    one item. Arguments as in `split_batch`.
+    one item, a tuple shorter than a `target` index. Arguments as in `split_batch`.
 
     Example:
         >>> ids = torch.zeros(2, 5).long()
@@ -274,18 +274,24 @@ def _split(
 
 
 def _position(batch: Any, what: str, choice: Any, strict: bool) -> Any:
-    """`choice` as a key of a dict batch or a non-negative index of a tuple; None if absent."""
+    """`choice` as a key of a dict batch or a non-negative index of a tuple.
+
+    A key or index that the batch lacks is None unless `strict`; a choice of the wrong kind
+    always raises.
+    """
     if isinstance(batch, Mapping):
         if isinstance(choice, str) and choice in batch:
             return choice
-        if isinstance(choice, str) and not strict:
-            return None
+        kind_fits = isinstance(choice, str)
         accepted = f"one of its keys {', '.join(map(repr, batch))}"
     else:
         n = len(batch)
         if type(choice) is int and -n <= choice < n:
             return choice % n
+        kind_fits = type(choice) is int
         accepted = f"an index from {-n} to {n - 1}" if n else "no index: the batch is empty"
+    if kind_fits and not strict:
+        return None
     raise _no_fit(batch, f"Expected {accepted}.", f"{what}={choice!r}")
 
 

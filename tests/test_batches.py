@@ -211,6 +211,10 @@ def test_inputs_of_takes_batches_without_a_target_whole() -> None:
     del batch["labels"]
     assert_same(inputs_of(batch), batch)
     assert_same(inputs_of(batch, target="labels"), batch)
+    x_num, x_cat, _ = tabular()
+    assert_same(inputs_of((x_num, x_cat), target=2), (x_num, x_cat))
+    with pytest.raises(LkflowError, match="target='y'"):
+        inputs_of((x_num, x_cat), target="y")
     x = torch.randn(4, 3)
     assert inputs_of((x,)) is x
     assert inputs_of(x, target="labels") is x
