@@ -103,6 +103,10 @@ def call_net(net: Callable[..., Any], inputs: Inputs) -> Any:
 def to_device(structure: S, device: torch.device | str) -> S:
     """Every tensor of `structure` moved to `device`.
 
+    Args:
+        structure: Tensors, alone or in tuples, lists and dicts.
+        device: Where to move them, such as `"cpu"` or `model.device`.
+
     Example:
         >>> to_device({"x": torch.ones(2)}, "cpu")["x"].device
         device(type='cpu')
@@ -140,6 +144,10 @@ def rows_of(structure: Structure) -> int:
 def head(structure: S, n: int) -> S:
     """The first `n` rows of every tensor of `structure`, detached and cloned.
 
+    Args:
+        structure: Tensors, alone or in tuples, lists and dicts, with the batch dimension first.
+        n: The rows to keep; fewer where a tensor has fewer.
+
     Example:
         >>> head((torch.arange(6).view(3, 2), torch.arange(3)), 2)[1]
         tensor([0, 1])
@@ -156,6 +164,12 @@ def head(structure: S, n: int) -> S:
 
 def concat(outputs: Sequence[S]) -> S:
     """Per-batch outputs of one structure as one, tensors concatenated along dim 0.
+
+    Args:
+        outputs: The net's output for each batch, in order: tensors, tuples or dicts of them.
+
+    Returns:
+        One output of the same structure, as the net would return on all the rows at once.
 
     Raises:
         LkflowError: When there are no outputs, or two batches' structures or shapes differ.
@@ -191,7 +205,14 @@ def to_numpy(structure: Structure) -> Any:
 def names(structure: Structure, default: str = "input") -> list[str]:
     """The names of a flat structure's tensors, in order, as a signature names them.
 
-    A dict's keys, `f"{default}_{i}"` for the items of a tuple or list, `default` for a tensor.
+    Args:
+        structure: A tensor, or a tuple, list or dict of tensors (keys strings).
+        default: The name of a lone tensor, and the stem of a tuple's names. Defaults to
+            "input"; "output" suits a net's outputs.
+
+    Returns:
+        A dict's keys, `f"{default}_{i}"` for the items of a tuple or list, `[default]` for a
+        tensor.
 
     Example:
         >>> names((torch.ones(1), torch.ones(1))), names(torch.ones(1), "output")
