@@ -12,15 +12,33 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torchmetrics
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
 
+from lkflow.checkpoints import check_resumable
 from lkflow.errors import LkflowError
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
+# losses whose target is a float tensor (as the predictions), and those of class indices
+_FLOAT_TARGETS = (
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.KLDivLoss,
+    nn.SoftMarginLoss,
+    nn.MultiLabelSoftMarginLoss,
+    nn.PoissonNLLLoss,
+    nn.GaussianNLLLoss,
+)
+_INDEX_TARGETS = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)
+
 
 def check_net(net: Any) -> None:
-    if not isinstance(net, torch.nn.Module):
+    if not isinstance(net, nn.Module):
         raise LkflowError(
             f"Received: net={net!r}. Expected a torch.nn.Module instance, such as Net()."
         )
@@ -36,16 +54,6 @@ def check_has_loss(loss_fn: Any, own_step: bool) -> None:
         )
 
 
-def check_net_given(model_class: str, net: Any) -> None:
-    """Fails on `load_from_checkpoint` without the net, which a checkpoint does not hold."""
-    if net is None:
-        raise LkflowError(
-            f"{model_class}.load_from_checkpoint needs the net: checkpoints hold weights, "
-            "not modules. Pass a fresh one: "
-            f"{model_class}.load_from_checkpoint(path, net=Net())."
-        )
-
-
 def step_values(values: Any) -> Mapping[str, Any]:
     """What `shared_step` returned, as a dict with a `loss` key; a tensor is the loss alone."""
     if isinstance(values, torch.Tensor):
@@ -57,6 +65,29 @@ def step_values(values: Any) -> Mapping[str, Any]:
             "such as {'loss': loss, 'acc': acc}."
         )
     return values
+
+
+def split_xy(batch: Any) -> tuple[Any, Any]:
+    """The `(x, y)` of a batch, for the default step; fails on any other layout."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    size = f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
+    raise LkflowError(
+        f"Received: a batch of type {type(batch).__name__}{size}. The default step expects "
+        "(x, y) pairs; yield them from the DataLoader, or override shared_step(batch)."
+    )
+
+
+def input_of(batch: Any) -> torch.Tensor:
+    """The net's input in `batch`: the batch when it is a tensor, else its first item."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise LkflowError(
+        f"Received: a batch of type {type(batch).__name__}. Expected a tensor or (x, ...) "
+        "with x a tensor; override example_input(batch) to return the net's input."
+    )
 
 
 def stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, torchmetrics.Metric]:
@@ -106,7 +137,7 @@ def _dataset_size(loader: Any) -> str:
     return str(len(cast(Sized, dataset))) if hasattr(dataset, "__len__") else "unknown"
 
 
-def check_monitors(trainer: pl.Trainer, values: Mapping[str, Any]) -> None:
+def check_monitored_keys(trainer: pl.Trainer, values: Mapping[str, Any]) -> None:
     """Fails at the first step when a checkpoint or early stopping watches a key never logged.
 
     Args:
@@ -155,12 +186,8 @@ def check_fit_args(
     check_loader("train_data", train_data)
     if val_data is not None:
         check_loader("val_data", val_data)
-    if ckpt_path not in (None, "last") and not os.path.isfile(ckpt_path):
-        raise LkflowError(
-            f"Received: ckpt_path={ckpt_path!r}, which is not a file. Pass a .ckpt written by "
-            "a previous fit, or 'last' for the newest one."
-        )
     check_writable(ckpt_dir)
+    check_resumable(ckpt_path, ckpt_dir)
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:
@@ -210,3 +237,72 @@ def check_registered_model_name(name: Any) -> None:
             "holds no '/' or ':', is not '.' and does not start with '..', such as "
             "'rings-net', or False not to register."
         )
+
+
+def check_monitor(monitor: Any, val_data: Any) -> None:
+    """Fails on a monitored validation value (`val_...`) in a fit without validation data.
+
+    Args:
+        monitor: The history key that picks the best epoch.
+        val_data: The validation DataLoader, or None.
+
+    Raises:
+        LkflowError: Naming the key and the two fixes.
+
+    Example:
+        >>> check_monitor("val_loss", val_data=None)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lkflow.errors.LkflowError: Received: monitor='val_loss' and no val_data. ...
+    """
+    if val_data is None and isinstance(monitor, str) and monitor.startswith("val_"):
+        raise LkflowError(
+            f"Received: monitor={monitor!r} and no val_data. The `val_` values come from "
+            f"validation data. Pass val_data=..., or monitor={monitor.removeprefix('val_')!r} "
+            "for the training value."
+        )
+
+
+def loss_dtype_error(
+    loss_fn: Any, preds: Any, target: Any, err: BaseException
+) -> LkflowError | None:
+    """The error to raise when a torch loss failed on a target of the wrong dtype.
+
+    Torch says only "Found dtype Long but expected Float" (`nn.BCELoss` on int labels) or
+    "expected target dtype to be Long or Byte" (`nn.CrossEntropyLoss` on float ones).
+
+    Args:
+        loss_fn: The loss that raised `err` on `(preds, target)`.
+        preds: The net's output.
+        target: The labels of the batch.
+        err: The loss's error.
+
+    Returns:
+        An LkflowError naming the loss, the dtype received, the dtype expected and the fix;
+        None when the target's dtype is not what the loss refuses (then `err` stands).
+
+    Example:
+        >>> refused = RuntimeError("Found dtype Long but expected Float")
+        >>> print(loss_dtype_error(nn.BCELoss(), torch.zeros(2), torch.tensor([0, 1]), refused))
+        ... # doctest: +ELLIPSIS
+        Received: labels of dtype torch.int64 for BCELoss, ... TensorDataset(x, y.float()), ...
+    """
+    if not isinstance(preds, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return None
+    if isinstance(loss_fn, _FLOAT_TARGETS) and not target.is_floating_point():
+        expected = f"float labels, of the predictions' dtype {preds.dtype}"
+        fix = "y.float()"
+    elif (
+        isinstance(loss_fn, _INDEX_TARGETS)
+        and target.dtype != torch.long
+        and target.dim() < preds.dim()  # the same shape as preds: probabilities, not indices
+    ):
+        expected = "class indices of dtype torch.int64"
+        fix = "y.long()"
+    else:
+        return None
+    return LkflowError(
+        f"Received: labels of dtype {target.dtype} for {type(loss_fn).__name__}, which "
+        f"refused them ({err}). Expected {expected}. Fix the dataset's labels, such as "
+        f"TensorDataset(x, {fix}), or convert them in shared_step."
+    )

@@ -6,8 +6,9 @@
 
 A fit's callbacks are the best checkpoint by `monitor`, `last.ckpt` after every epoch, the
 user's, early stopping, the line per epoch and the MLflow callback. Lightning's Trainer defaults
-suit a script; a Keras-style call wants less: no logger or layer table, Lightning's start-up
-chatter silenced, and Ctrl-C or SIGTERM reaching the caller as what they were. After a fit,
+suit a script; a Keras-style call wants less: no logger or layer table, checkpoint files whole
+or absent, Lightning's start-up chatter silenced, and Ctrl-C or SIGTERM reaching the caller as
+what they were. After a fit,
 what spawned or forked workers kept comes back into this process, and the best epoch's weights
 into the model.
 """
@@ -27,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from lkflow.checkpoints import LastCheckpoint
+from lkflow.checkpoints import BestCheckpoint, CompleteCheckpointIO, LastCheckpoint
 from lkflow.checks import check_loader
 from lkflow.devices import Gpus, trainer_device_kwargs
 from lkflow.epoch_values import each_row_once
@@ -66,7 +68,7 @@ def fit_callbacks(
 ) -> FitCallbacks:
     """The best checkpoint by `monitor` and `last.ckpt`, the user's `callbacks`, early stopping
     with `patience`, the line per epoch with `verbose=2`, and the MLflow callback last."""
-    best = ModelCheckpoint(
+    best = BestCheckpoint(
         dirpath=os.fspath(ckpt_dir),
         filename=f"{{epoch}}-{{{monitor}:.4f}}",
         monitor=monitor,
@@ -172,7 +174,10 @@ def build_trainer(
         "enable_progress_bar": verbose == 1,
         "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
     }
-    return pl.Trainer(**(options | kwargs), callbacks=callbacks)
+    trainer = pl.Trainer(**(options | kwargs), callbacks=callbacks)
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one passed in plugins
+        trainer.strategy.checkpoint_io = CompleteCheckpointIO()
+    return trainer
 
 
 def tracker_of(

@@ -9,9 +9,11 @@ an upgrade breaks there, by name, rather than somewhere in a fit.
     last_global_step_saved(checkpoint)  # the step at which a ModelCheckpoint last saved
     record_save(checkpoint, trainer, filepath)  # a file counted as saved without writing it
 
-Overriding is the one use that cannot live here: `ModelCheckpoint._save_checkpoint(trainer,
-filepath)` is where a ModelCheckpoint writes each file, and lkflow/checkpoints.py overrides it.
-Its signature, and that Lightning writes every checkpoint file through it, are tested too.
+Overriding is the one use that cannot live here. lkflow/checkpoints.py overrides two methods
+of `ModelCheckpoint`: `_save_checkpoint(trainer, filepath)`, where it writes each file, and
+`_update_best_and_save(current, trainer, monitor_candidates)`, where it records a new best
+(its best_... attributes) and then writes it. Their signatures, that Lightning goes through
+them, and which attributes a new best changes are tested too.
 """
 
 from __future__ import annotations

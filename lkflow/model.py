@@ -25,20 +25,23 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lkflow.checkpoints import check_loadable, mask_hparams, resume_path
 from lkflow.checks import (
     check_finite,
     check_fit_args,
     check_has_loss,
-    check_monitors,
+    check_monitor,
+    check_monitored_keys,
     check_net,
-    check_net_given,
+    input_of,
     is_metric,
+    loss_dtype_error,
+    split_xy,
     stage_metrics,
     step_values,
 )
 from lkflow.devices import Gpus, trainer_device_kwargs
 from lkflow.epoch_values import EpochRows
-from lkflow.errors import LkflowError
 from lkflow.fit import evaluate_model, fit_callbacks, fit_model, predict_outputs, tracker_of
 from lkflow.layers import naming_the_failing_layer
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from torch.utils.data import DataLoader
 
+_STAGES = ("train", "val", "test")
 _NOT_HPARAMS = ["net", "loss_fn", "metrics", "optimizer", "lr_scheduler"]
 
 
@@ -91,8 +95,7 @@ class LightModel(pl.LightningModule):
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
         self._epochs = EpochRows()
-        self._keys_checked = False  # whether the monitored keys were checked in this fit
-        self._first_step = True  # the first step of a run names a layer that fails
+        self._first_steps = set(_STAGES)  # the stages yet to take their first step (see _step)
         self.save_hyperparameters(ignore=_NOT_HPARAMS)
         check_has_loss(loss_fn, own_step=_has_own_step(type(self)))
 
@@ -100,7 +103,6 @@ class LightModel(pl.LightningModule):
     def forward(self, x: Any) -> Any:
         return self.net(x)
 
-    # ---- steps ---------------------------------------------------------------------------
     def shared_step(self, batch: Any) -> dict[str, Any]:
         """One batch's loss and metrics; the default uses `loss_fn` and `metrics` on `(x, y)`.
 
@@ -115,7 +117,7 @@ class LightModel(pl.LightningModule):
             The batch's loss and metrics, such as `{"loss": loss, "acc": acc}`.
         """
         check_has_loss(self.loss_fn, own_step=False)
-        x, y = _split_xy(batch)
+        x, y = split_xy(batch)
         preds = self(x)
         metrics: nn.ModuleDict = getattr(self, f"{_stage_of(self.trainer)}_metrics")
         return _batch_values(preds, y, cast(nn.Module, self.loss_fn), metrics, self._functions)
@@ -131,14 +133,14 @@ class LightModel(pl.LightningModule):
         Returns:
             The input tensor.
         """
-        return _first_tensor(batch)
+        return input_of(batch)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        first = "train" in self._first_steps
         values = self._step(batch, "train")
-        if not self._keys_checked:
-            self._keys_checked = True
-            check_monitors(self.trainer, values)
+        if first:
+            check_monitored_keys(self.trainer, values)
         return cast(torch.Tensor, values["loss"])
 
     @override
@@ -152,18 +154,18 @@ class LightModel(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self._epochs.reset()  # nothing left from a run that an exception ended mid-epoch
-        self._keys_checked = False
-        self._first_step = True
+        self._first_steps = set(_STAGES)
 
     def _step(self, batch: Any, stage: str) -> Mapping[str, Any]:
-        watch = naming_the_failing_layer(self.net) if self._first_step else contextlib.nullcontext()
+        # each stage's first step names a failing layer (sanity checks do not stand for training)
+        first = stage in self._first_steps
+        watch = naming_the_failing_layer(self.net) if first else contextlib.nullcontext()
         with watch:
             values = step_values(self.shared_step(batch))
-        self._first_step = False
+        self._first_steps.discard(stage)
         self._epochs.add(stage, values, batch)
         return values
 
-    # ---- epoch ends ----------------------------------------------------------------------
     @override
     def on_train_epoch_start(self) -> None:
         self._epochs.start_training(self.trainer.optimizers)
@@ -186,16 +188,14 @@ class LightModel(pl.LightningModule):
         self.log_dict(train)
         check_finite(self.history[-1])
 
-    # ---- optimizers and checkpoints ------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
-        if self.optimizer is None:
-            self.optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
-        return _optimizers(self.optimizer, self.lr_scheduler)
+        return _optimizers(self)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lkflow_history"] = [dict(row) for row in self.history]
+        mask_hparams(checkpoint, self.CHECKPOINT_HYPER_PARAMS_KEY)  # as in the run's params
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -214,26 +214,30 @@ class LightModel(pl.LightningModule):
         """A model from a checkpoint, built around `net`, which receives the saved weights.
 
         Checkpoints hold weights and plain hyperparameters, never pickled modules, so the
-        net (and any loss, metrics or optimizer the constructor takes) is passed in again.
+        net (and any loss, metrics or optimizer the constructor takes) is passed in again;
+        so are secrets (`api_key=...`), which checkpoints hold masked as `'***'`.
 
         Args:
             checkpoint_path: A `.ckpt` file written while fitting.
             net: A fresh instance of the net class that was trained. Required.
             map_location: Where to load tensors, as in `torch.load`. Defaults to None.
             strict: Whether every key must match. Defaults to None (Lightning's default).
-            **kwargs: Other constructor arguments, such as `loss_fn=`.
+            **kwargs: Other constructor arguments, such as `loss_fn=` or `api_key=`.
 
         Returns:
             The model, with the history of the fit that wrote the checkpoint.
 
+        Raises:
+            LkflowError: Without `net`, or for a file that is not a complete lkflow
+                checkpoint (empty, cut short, or of another program).
+
         Example:
             >>> clone = Model.load_from_checkpoint(path, net=Net())  # doctest: +SKIP
         """
-        check_net_given(cls.__name__, net)
+        check_loadable(cls.__name__, net, checkpoint_path, cls.CHECKPOINT_HYPER_PARAMS_KEY, kwargs)
         options = dict(map_location=map_location, strict=strict, weights_only=True)
         return super().load_from_checkpoint(checkpoint_path, net=net, **options, **kwargs)
 
-    # ---- Keras-style API -----------------------------------------------------------------
     def fit(
         self,
         train_data: DataLoader[Any],
@@ -294,7 +298,9 @@ class LightModel(pl.LightningModule):
         """
         monitor = monitor or ("val_loss" if val_data is not None else "loss")
         check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
+        check_monitor(monitor, val_data)
         trainer_kwargs |= trainer_device_kwargs(gpus, trainer_kwargs)
+        ckpt_path = resume_path(ckpt_path, ckpt_dir)
         tracker = tracker_of(track, experiment_name, run_name, registered_model_name, tracking_uri)
         every = fit_callbacks(ckpt_dir, monitor, mode, patience, verbose, callbacks, tracker)
         fit_model(self, train_data, val_data, epochs, verbose, ckpt_path, every, trainer_kwargs)
@@ -346,38 +352,23 @@ class LightModel(pl.LightningModule):
         return pd.DataFrame(self.history)
 
 
-def _split_xy(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    size = f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
-    raise LkflowError(
-        f"Received: a batch of type {type(batch).__name__}{size}. The default step expects "
-        "(x, y) pairs; yield them from the DataLoader, or override shared_step(batch)."
-    )
-
-
 def _batch_values(
     preds: Any, y: Any, loss_fn: nn.Module, metrics: nn.ModuleDict, functions: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The default step's values: the loss, the metrics updated with the batch, the functions."""
-    values: dict[str, Any] = {"loss": loss_fn(preds, y)}
+    try:
+        values: dict[str, Any] = {"loss": loss_fn(preds, y)}
+    except RuntimeError as err:
+        explained = loss_dtype_error(loss_fn, preds, y, err)
+        if explained is None:
+            raise
+        raise explained from err
     for name, metric in metrics.items():
         cast(torchmetrics.Metric, metric).update(preds, y)
         values[name] = metric
     for name, function in functions.items():
         values[name] = function(preds, y)
     return values
-
-
-def _first_tensor(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise LkflowError(
-        f"Received: a batch of type {type(batch).__name__}. Expected a tensor or (x, ...) "
-        "with x a tensor; override example_input(batch) to return the net's input."
-    )
 
 
 def _stage_of(trainer: pl.Trainer) -> str:
@@ -390,8 +381,12 @@ def _has_own_step(cls: type[LightModel]) -> bool:
     return any(getattr(cls, name) is not getattr(LightModel, name) for name in steps)
 
 
-def _optimizers(optimizer: torch.optim.Optimizer, scheduler: Any) -> Any:
-    """What `configure_optimizers` returns: the optimizer, or it and Lightning's scheduler dict."""
+def _optimizers(model: LightModel) -> Any:
+    """What `configure_optimizers` returns: the optimizer (Adam with lr 1e-3 where the model has
+    none), or it and Lightning's scheduler dict."""
+    if model.optimizer is None:
+        model.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer, scheduler = model.optimizer, model.lr_scheduler
     if scheduler is None:
         return optimizer
     scheduler = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}

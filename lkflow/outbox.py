@@ -29,6 +29,7 @@ Each line of the journal is a JSON object with an "op"; paths are relative to th
      "model_id": null}                   a LoggedModel: created, uploaded, finalized, output
     {"op": "register", "name", "tags", "description"}         a version of that model
     {"op": "end", "status": "FINISHED", "end_time": ms}       the status the fit ended with
+    {"op": "delete_tag", "key": "lkflow.error"}               a tag removed, if the run has it
 
 `sync_run` delivers the lines after `delivered` in order into the same run, records each
 line as MLflow accepts it, and removes the run's folder when all are in: a second sync has
@@ -105,6 +106,7 @@ def deliver(
         "model": _model,
         "register": _register,
         "end": _end,
+        "delete_tag": _delete_tag,
     }
     return senders[entry["op"]](client, run_id, entry, state, maybe_sent)
 
@@ -248,6 +250,18 @@ def _end(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_se
     # MLflow prints the run's link with the tracking URI's credentials; lkflow prints its own.
     with env_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}, override=True):
         client.set_terminated(run_id, status=entry["status"], end_time=entry["end_time"])
+
+
+def _delete_tag(
+    client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_tag(run_id, entry["key"])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # not there: nothing to remove
+            raise
 
 
 # ---- the journal ---------------------------------------------------------------------------

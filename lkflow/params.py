@@ -271,6 +271,28 @@ def mask_value(key: str, value: Any) -> Any:
     return MASK if isinstance(value, (str, bytes)) and is_secret_key(key) else value
 
 
+def mask_secrets(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`params` with the same nesting, each value masked as `mask_value` masks its flat key.
+
+    Args:
+        params: Possibly nested params, such as a model's hyperparameters.
+        prefix: The flat key of `params` itself, such as "model". Defaults to "".
+
+    Returns:
+        A new dict; nested mappings become dicts, other values are kept or `MASK`.
+
+    Example:
+        >>> mask_secrets({"db": {"password": "hunter2", "port": 5432}, "lr": 0.1})
+        {'db': {'password': '***', 'port': 5432}, 'lr': 0.1}
+    """
+    masked: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        nested = isinstance(value, Mapping) and value
+        masked[key] = mask_secrets(value, name) if nested else mask_value(name, value)
+    return masked
+
+
 def prepare_params(params: Mapping[str, Any], limit: int = MAX_VALUE_LENGTH) -> dict[str, str]:
     """Flattened, masked, stringified and truncated params with keys valid for MLflow.
 

@@ -6,8 +6,9 @@
 What one fit logs, all through `MlflowClient` calls naming the run, from rank zero only:
 - params (train start): the module's hparams, optimizer, scheduler, epochs, batch size,
   precision, devices, seed, the net's class and size, the data sizes; batched, 100 a call.
-- metrics: each `history` row once, `step=epoch`, one batched call per epoch; at the end
-  `best_<monitor>` and `best_epoch`.
+- metrics: each `history` row once, `step=epoch`, one batched call per epoch, after the
+  epoch's checkpoint is written; at the end `best_<monitor>` and `best_epoch`. A resumed fit
+  first reads which steps its run holds, and logs only the rows of the others.
 - inputs: the training and validation sets (rows, digest).
 - artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
   of the bare net), `history.csv`, `curves.png`, `summary.txt`.
@@ -18,7 +19,13 @@ A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflo
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
 the run and ends it FINISHED, FAILED on an exception, or KILLED on Ctrl-C. An exception also
 leaves its type and message in the tag `lkflow.error` and its traceback's last lines in
-`traceback.txt`; the exception itself reaches the caller unchanged.
+`traceback.txt`; the exception itself reaches the caller unchanged. A later fit of the run that
+finishes moves that tag to `lkflow.previous_error` (traceback.txt stays, the last error's).
+
+The store is only read until the first training batch has gone through: a mistake that the
+arguments, the sanity check or the first step reveal fails the fit before any run is created
+or reopened. The run opens at the end of that batch, and what the fit logged before (params,
+datasets) goes first.
 
 A tracking server that does not answer when the fit starts stops it before training. One that
 goes away during the fit does not: the write that failed and every later write of the run go,
@@ -39,7 +46,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -86,7 +93,7 @@ _EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input 
 class MLflowCallback(pl.Callback):
     """Logs a fit to MLflow, then logs and registers the bare net with its best weights.
 
-    Arguments are kept as passed; what they resolve to at fit start lives in attributes
+    Arguments are kept as passed; what they resolve to during the fit lives in attributes
     with a trailing underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`,
     `model_version_`.
 
@@ -148,7 +155,9 @@ class MLflowCallback(pl.Callback):
     def _reset(self) -> None:
         """Per-fit state, cleared at each setup so one callback can track several fits."""
         self._owns_run = False
-        self._status_found = "RUNNING"  # the status of the run when this fit opened it
+        self._found: tuple[Run, str] | None = None  # an existing run to log into, its source
+        self._opened = False  # whether the run was created or reopened: writes go to MLflow
+        self._pending: list[Entry] = []  # writes made before the run opened
         self._run_params: dict[str, str] = {}
         self._experiment_name = ""
         self._n_logged = 0
@@ -188,21 +197,23 @@ class MLflowCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        with bounded_http_retries():
-            run = self._open_run()
-            self._experiment_name = self.client_.get_experiment(run.info.experiment_id).name
-        self.run_id_, self.experiment_id_ = run.info.run_id, run.info.experiment_id
-        self._run_params = dict(run.data.params)
-        if (self._outbox_root / self.run_id_ / "journal.jsonl").exists():
-            self._continue_outbox()
+        with bounded_http_retries():  # reads only: the run opens after the first batch
+            self._found = self._find_run()
+            if self._found is None:
+                self.experiment_id_ = self._experiment_id(create=False)
+            else:
+                run = self._found[0]
+                self.run_id_, self.experiment_id_ = run.info.run_id, run.info.experiment_id
+                self._run_params = dict(run.data.params)
+            self._experiment_name = self._name_of(self.experiment_id_)
         if self.experiment_name not in (None, self._experiment_name):
             warnings.warn(
                 f"Logging into run {self.run_id_} of experiment {self._experiment_name!r}; "
                 f"experiment_name={self.experiment_name!r} applies to new runs only.",
                 stacklevel=2,
             )
-        if self._restored.get("run_id") == self.run_id_:
-            self._n_logged = int(self._restored.get("n_logged", 0))
+        if self._restored and self.run_id_ is not None:  # resumed, whenever the last fit stopped
+            self._logged_at = self._steps_held(pl_module.history)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -228,6 +239,18 @@ class MLflowCallback(pl.Callback):
             self._example = inputs[:_EXAMPLE_ROWS].detach().clone()  # stays on the device
 
     @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._opened and trainer.is_global_zero:
+            self._open()
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self._log_rows(pl_module)
@@ -239,18 +262,21 @@ class MLflowCallback(pl.Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or self.run_id_ is None:
+        if not trainer.is_global_zero:
             return
+        if not self._opened:  # a fit without a training batch, such as a finished one resumed
+            self._open()
         self._log_rows(pl_module)
         self._log_outputs(trainer, pl_module)
+        self._clear_error()
         self._end_run("FINISHED")
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if not trainer.is_global_zero or self.run_id_ is None:
-            return
+        if not trainer.is_global_zero or not self._opened:
+            return  # failed before the first batch trained: no run was created or reopened
         status = "FAILED" if isinstance(exception, Exception) else "KILLED"  # Ctrl-C, SIGTERM
         with _carry_on("log the history and checkpoints of the failed fit"):
             self._log_rows(pl_module)
@@ -261,18 +287,8 @@ class MLflowCallback(pl.Callback):
             self._end_run(status)
 
     @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Lightning took state_dict() before this hook; the module adds its history after it.
-        # Logging the rows now and saving the count again keeps both in step on resume.
-        if trainer.is_global_zero and self.run_id_ is not None:
-            self._log_rows(pl_module)
-            checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
-
-    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id_, "n_logged": self._n_logged}
+        return {"run_id": self.run_id_}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -280,11 +296,36 @@ class MLflowCallback(pl.Callback):
 
     # ---- the run -----------------------------------------------------------------------
 
+    def _open(self) -> None:
+        """Creates or reopens the run, then sends the writes made before it opened."""
+        with bounded_http_retries():
+            run = self._open_run()
+        self.run_id_, self.experiment_id_ = run.info.run_id, run.info.experiment_id
+        if (self._outbox_root / self.run_id_ / "journal.jsonl").exists():
+            self._continue_outbox()
+        self._opened = True
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            self._send(entry)
+
     def _open_run(self) -> Run:
-        """The run to log into: an existing one (reopened when it had ended) or a new one."""
+        """The run found at fit start, reopened when it had ended, or a new one."""
+        if self._found is None:
+            return self._create_run()
+        run, source = self._found
+        # A run still RUNNING whose id only the checkpoint knew belongs to a killed process:
+        # the resumed fit takes it over and ends it.
+        self._owns_run = run.info.status != "RUNNING" or source == "the checkpoint's run_id"
+        if self._owns_run:  # resumed: open it again, and end it as this fit ends
+            self.client_.update_run(run.info.run_id, status="RUNNING")
+        self._set_tags(run.info.run_id, self._run_tags())
+        return run
+
+    def _find_run(self) -> tuple[Run, str] | None:
+        """The existing run to log into and where its id came from; None for a new run."""
         run_id, source = self._existing_run_id()
         if run_id is None:
-            return self._create_run()
+            return None
         from mlflow.exceptions import MlflowException
 
         try:
@@ -297,14 +338,7 @@ class MLflowCallback(pl.Callback):
                 f"{hide_credentials(self.client_.tracking_uri)}. Pass a run id of that store, "
                 "or leave run_id unset for a new run."
             ) from err
-        # A run still RUNNING whose id only the checkpoint knew belongs to a killed process:
-        # the resumed fit takes it over and ends it.
-        self._owns_run = run.info.status != "RUNNING" or source == "the checkpoint's run_id"
-        self._status_found = run.info.status
-        if self._owns_run:  # resumed: open it again, and end it as this fit ends
-            self.client_.update_run(run_id, status="RUNNING")
-        self._set_tags(run_id, self._run_tags())
-        return run
+        return run, source
 
     def _existing_run_id(self) -> tuple[str | None, str]:
         import mlflow
@@ -322,18 +356,23 @@ class MLflowCallback(pl.Callback):
         from mlflow.tracking.context.registry import resolve_tags
 
         tags = resolve_tags(self._run_tags())  # adds user, source and git commit like start_run
-        run = self.client_.create_run(self._experiment_id(), run_name=self.run_name, tags=tags)
+        experiment_id = self._experiment_id(create=True)
+        run = self.client_.create_run(experiment_id, run_name=self.run_name, tags=tags)
         self._owns_run = True
         return run
 
-    def _experiment_id(self) -> str:
+    def _experiment_id(self, create: bool) -> str | None:
+        """The experiment of a new run; one that does not exist yet is None, or with `create`
+        created."""
         from mlflow.exceptions import MlflowException
 
-        name = self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        name = self._new_experiment_name()
         if name is None:
             return os.environ.get("MLFLOW_EXPERIMENT_ID", "0")
         experiment = self.client_.get_experiment_by_name(name)
         if experiment is None:
+            if not create:
+                return None
             try:
                 return self.client_.create_experiment(name)
             except MlflowException as err:  # created meanwhile by a concurrent fit
@@ -347,6 +386,15 @@ class MLflowCallback(pl.Callback):
                 "or pass another name."
             )
         return experiment.experiment_id
+
+    def _new_experiment_name(self) -> str | None:
+        return self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+
+    def _name_of(self, experiment_id: str | None) -> str:
+        """The name of an experiment; of one that is still to be created, the name asked for."""
+        if experiment_id is None:
+            return self._new_experiment_name() or ""
+        return self.client_.get_experiment(experiment_id).name
 
     def _run_tags(self) -> dict[str, str]:
         tags = {"lkflow.version": _lkflow_version()}
@@ -383,8 +431,12 @@ class MLflowCallback(pl.Callback):
         that the outbox holds that write and every later one in order.
 
         Returns:
-            What `deliver` returns (the model id, the model version), or None once in the outbox.
+            What `deliver` returns (the model id, the model version), or None once in the outbox
+            or before the run opened.
         """
+        if not self._opened:  # before the first batch: params, tags, datasets; no files
+            self._pending.append(entry)
+            return None
         if self._outbox is None:
             from mlflow.exceptions import MlflowException
 
@@ -447,6 +499,17 @@ class MLflowCallback(pl.Callback):
             path.write_text(hide_credentials("\n".join(lines[-_TRACEBACK_LINES:])) + "\n")
             self._send({"op": "artifacts", "paths": [str(path)], "artifact_path": None})
 
+    def _clear_error(self) -> None:
+        """A run found with the `lkflow.error` of an earlier fit that failed: now that this fit
+        finished, the tag moves to `lkflow.previous_error` (traceback.txt stays, that error's)."""
+        if self._found is None:
+            return
+        error = self._found[0].data.tags.get("lkflow.error")
+        if error is not None:
+            self._send({"op": "batch", "tags": {"lkflow.previous_error": error}})
+        # also where the error only waits in the outbox: deleting a tag that is not there passes
+        self._send({"op": "delete_tag", "key": "lkflow.error"})
+
     # ---- params, data and metrics ------------------------------------------------------
 
     def _log_params(self, params: Mapping[str, Any]) -> None:
@@ -462,7 +525,6 @@ class MLflowCallback(pl.Callback):
             self._send({"op": "batch", "tags": {"lkflow.resumed_epochs": prepared.pop("epochs")}})
         if clashes:
             values = "; ".join(f"{k}: {logged[k]!r} logged, {prepared[k]!r} now" for k in clashes)
-            self._give_back_run()
             raise LkflowError(
                 f"MLflow run {self.run_id_} already holds other values for {values}. MLflow "
                 "never changes a logged param. Fit with the logged values (as `mlflow run -P` "
@@ -486,7 +548,7 @@ class MLflowCallback(pl.Callback):
         Example:
             >>> tracker.log_figures({"confusion": figure})  # doctest: +SKIP
         """
-        if self.run_id_ is None or not figures:
+        if not self._opened or not figures:
             return
         with tempfile.TemporaryDirectory() as temporary:
             folder = Path(temporary) / artifact_path
@@ -494,12 +556,6 @@ class MLflowCallback(pl.Callback):
             for name, figure in figures.items():
                 figure.savefig(folder / (name if "." in name else f"{name}.png"), dpi=100)
             self._send({"op": "artifacts", "paths": [str(folder)], "artifact_path": artifact_path})
-
-    def _give_back_run(self) -> None:
-        """Leaves a run this fit reopened as it was found, before the fit fails on a bad value."""
-        if self._owns_run and self._status_found != "RUNNING":
-            self.client_.update_run(self.run_id_, status=self._status_found)
-        self._owns_run = False
 
     def _log_datasets(self, trainer: pl.Trainer) -> None:
         loaders = {"training": trainer.train_dataloader, "validation": trainer.val_dataloaders}
@@ -512,24 +568,57 @@ class MLflowCallback(pl.Callback):
             self._send({"op": "inputs", "datasets": datasets})
 
     def _log_rows(self, pl_module: pl.LightningModule) -> None:
-        """History rows not logged yet: one batched call, each row at `step=epoch`."""
+        """History rows not logged yet: one batched call, each row at `step=epoch`, except
+        rows whose step the run already holds (logged before the fit was resumed)."""
         rows = pl_module.history[self._n_logged :]
-        if not rows:
-            return
+        steps = [int(row.get("epoch", self._n_logged + i)) for i, row in enumerate(rows)]
+        new = [
+            (step, row)
+            for step, row in zip(steps, rows, strict=True)
+            if step not in self._logged_at
+        ]
+        if new:
+            self._name_metrics(row for _, row in new)
+            now = int(time.time() * 1000)
+            values = [
+                (self._metric_names[key], float(value), now, step)
+                for step, row in new
+                for key, value in row.items()
+                if key != "epoch"
+            ]
+            self._log_metrics(values)
+            self._logged_at.update(dict.fromkeys([step for step, _ in new], now))
+        self._n_logged += len(rows)
+
+    def _name_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Adds the MLflow names of the rows' keys to `_metric_names`."""
         keys = [key for row in rows for key in row if key != "epoch"]
         if not set(keys) <= set(self._metric_names):
             self._metric_names = sanitize_keys(dict.fromkeys([*self._metric_names, *keys]))
-        now = int(time.time() * 1000)
-        steps = [int(row.get("epoch", self._n_logged + i)) for i, row in enumerate(rows)]
-        values = [
-            (self._metric_names[key], float(value), now, step)
-            for step, row in zip(steps, rows, strict=True)
-            for key, value in row.items()
-            if key != "epoch"
-        ]
-        self._log_metrics(values)
-        self._logged_at.update(dict.fromkeys(steps, now))
-        self._n_logged += len(rows)
+
+    def _steps_held(self, history: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+        """Step -> time in ms of the rows the run holds, logged by the fits before a resume.
+
+        One metric's history tells them (every row is logged in one call), read from MLflow
+        and from the run's outbox, whose writes have not reached MLflow yet.
+        """
+        first = next((key for key in history[0] if key != "epoch"), None) if history else None
+        if first is None:
+            return {}
+        self._name_metrics(history[:1])
+        key = self._metric_names[first]
+        # The outbox first: a sync delivering meanwhile moves its points into MLflow, read next.
+        kept = Outbox(self._outbox_root / self.run_id_).entries()
+        with bounded_http_retries():
+            points = self.client_.get_metric_history(self.run_id_, key)
+        held = {
+            step: at
+            for entry in kept
+            for name, _, at, step in entry.get("metrics", [])
+            if name == key
+        }
+        held.update({point.step: point.timestamp for point in points})
+        return held
 
     def _log_metrics(
         self, values: Sequence[tuple[str, float, int, int]], to_model: bool = False

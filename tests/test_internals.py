@@ -3,6 +3,7 @@ what it needs."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from helpers import make_loaders, make_model
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 
+from lkflow.checkpoints import BestCheckpoint
 from lkflow.internals import (
     global_tracking_uri,
     last_global_step_saved,
@@ -139,3 +141,33 @@ def test_a_recorded_save_leaves_a_checkpoint_as_lightnings_own_save_does() -> No
     assert Path("ckpt/written.ckpt").is_file()
     assert _changed(recorded, before) == _changed(written, before)
     assert last_global_step_saved(recorded) == trainer.global_step == 4
+
+
+class _RecordsBests(ModelCheckpoint):
+    """Notes which attributes each new best changes, as lkflow.checkpoints.BestCheckpoint sees it."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.changed: list[set[str]] = []
+
+    def _update_best_and_save(self, current, trainer, monitor_candidates) -> None:
+        before = {key: repr(copy.copy(value)) for key, value in vars(self).items()}
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        after = {key: repr(value) for key, value in vars(self).items() if key != "changed"}
+        self.changed.append({key for key, value in after.items() if before.get(key) != value})
+
+
+def test_a_new_best_goes_through_the_overridden_method_and_changes_only_its_best_state() -> None:
+    assert list(inspect.signature(ModelCheckpoint._update_best_and_save).parameters) == [
+        "self",
+        "current",
+        "trainer",
+        "monitor_candidates",
+    ]
+    best = _RecordsBests(dirpath="ckpt", monitor="val_loss", save_top_k=-1)  # each epoch is kept
+    tiny_fit(best, epochs=3)
+    assert len(best.changed) == 3
+    assert {"best_model_path", "best_model_score"} <= best.changed[0]
+    saving = {"_last_global_step_saved", "_last_checkpoint_saved"}  # set once the file is written
+    for changed in best.changed:
+        assert changed <= set(BestCheckpoint._BEST_STATE) | saving

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
+from click.testing import CliRunner
 from helpers import (
     Net,
     Worker,
@@ -39,9 +41,11 @@ from torch.utils.data import Dataset
 
 from lkflow import LightModel, LkflowError
 from lkflow.checks import check_registered_model_name
+from lkflow.cli import main
 from lkflow.datasets import rings
+from lkflow.outbox import Outbox, deliver
 from lkflow.params import MASK, flatten
-from lkflow.store import check_tracking_uri
+from lkflow.store import check_sqlite_file, check_tracking_uri, tracking_client
 
 # ---- an exception in user code -----------------------------------------------------------
 
@@ -265,6 +269,63 @@ def test_a_tracking_uri_typo_fails_the_fit_before_training(tmp_path: Path) -> No
     assert not list(tmp_path.glob("*.db"))
 
 
+def _not_a_database(path: Path, kind: str) -> None:
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_text("run,loss\n1,0.5\n")
+
+
+@pytest.mark.parametrize("kind", ["folder", "text file"])
+def test_a_mlflow_db_that_is_not_a_sqlite_database_fails_the_fit_at_once(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "mlflow.db"  # the default store, sqlite:///mlflow.db
+    _not_a_database(path, kind)
+    model = make_model()
+    started = time.monotonic()
+    with pytest.raises(LkflowError) as raised:
+        model.fit(*small_loaders(), epochs=1, gpus=0, verbose=0)
+    assert time.monotonic() - started < 30  # not MLflow's 100 seconds of retries
+    message = str(raised.value)
+    found = "a folder" if kind == "folder" else "a file that is not a sqlite database"
+    assert f"but {path} is {found}" in message
+    assert "Move it out of the way" in message and "MLFLOW_TRACKING_URI" in message
+    assert model.history == [] and not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("kind", ["folder", "text file"])
+def test_lkflow_runs_on_a_mlflow_db_that_is_not_a_sqlite_database_is_one_line(
+    tmp_path: Path, kind: str
+) -> None:
+    _not_a_database(tmp_path / "mlflow.db", kind)
+    result = CliRunner().invoke(main, ["runs"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("Error: Received: tracking URI 'sqlite:///")
+    assert f"{tmp_path / 'mlflow.db'} is a " in line and "Move it out of the way" in line
+
+
+def test_an_empty_or_real_sqlite_file_passes_the_store_check(
+    tmp_path: Path, migrated_store: Path
+) -> None:
+    (tmp_path / "empty.db").touch()  # MLflow makes its tables in it
+    check_sqlite_file(f"sqlite:///{tmp_path / 'empty.db'}")
+    check_sqlite_file(f"sqlite:///{migrated_store}")
+    check_sqlite_file(f"sqlite:///{tmp_path / 'missing.db'}")
+
+
+def test_a_store_is_opened_in_a_new_folder_or_names_the_folder_it_cannot_make(
+    tmp_path: Path,
+) -> None:
+    client = tracking_client(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LkflowError, match=r"whose folder .*file/sub cannot be created"):
+        tracking_client(f"sqlite:///{tmp_path / 'file' / 'sub' / 'mlflow.db'}")
+
+
 @given(st.text(max_size=12))
 def test_registered_names_are_refused_exactly_where_mlflow_refuses_them(name: str) -> None:
     try:
@@ -358,3 +419,40 @@ def test_secrets_never_become_params_or_tags(
     for what, values in texts.items():
         leaks = {k: v for k, v in values.items() if secret in k or secret in str(v)}
         assert not leaks, what
+
+
+# ---- the error of an earlier fit ---------------------------------------------------------
+
+
+def test_deleting_a_tag_through_deliver_passes_when_it_is_gone(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run("0").info.run_id
+    client.set_tag(run_id, "lkflow.error", "RuntimeError: boom")
+    entry = {"op": "delete_tag", "key": "lkflow.error"}
+    deliver(client, run_id, entry, {"model_id": None})
+    assert "lkflow.error" not in client.get_run(run_id).data.tags
+    deliver(client, run_id, entry, {"model_id": None}, maybe_sent=True)  # already deleted
+
+
+def test_a_resumed_fit_into_the_outbox_drops_the_error_tag_at_sync(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    error = RuntimeError("failed at the end of epoch 1")
+    with pytest.raises(RuntimeError):
+        make_model().fit(
+            *small_loaders(), epochs=3, gpus=0, verbose=0, callbacks=[_FailsAtEpochEnd(error)]
+        )
+    client = MlflowClient(tracking_uri)
+    run_id = only_run(client).info.run_id
+    # writes of the run kept earlier: the resumed fit's writes join them in the outbox
+    Outbox.open(tmp_path / "mlruns-outbox", run_id, "0", tracking_uri).append(
+        {"op": "batch", "tags": {"kept": "yes"}}
+    )
+    with pytest.warns(UserWarning, match="writes that an earlier fit kept"):
+        make_model().fit(*small_loaders(), epochs=3, gpus=0, verbose=0, ckpt_path="last")
+    assert client.get_run(run_id).data.tags["lkflow.error"] == f"RuntimeError: {error}"
+    synced = CliRunner().invoke(main, ["sync"])
+    assert synced.exit_code == 0, synced.output
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "lkflow.error" not in run.data.tags
+    assert run.data.tags["lkflow.previous_error"] == f"RuntimeError: {error}"
