@@ -184,7 +184,7 @@ def _client(tracking_uri: str | None) -> MlflowClient:
 
 
 def _uri(client: MlflowClient) -> str:
-    from lkflow.params import hide_credentials
+    from lkflow.credentials import hide_credentials
 
     return hide_credentials(client.tracking_uri)
 

@@ -56,9 +56,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
 from lkflow.internals import global_tracking_uri
-from lkflow.params import hide_credentials
 from lkflow.store import HTTP_RETRIES, check_reachable, env_defaults, is_unreachable
 
 if TYPE_CHECKING:

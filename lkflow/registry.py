@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
-from lkflow.params import hide_credentials
 from lkflow.runs import mode
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
-from lkflow.params import hide_credentials
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
-from lkflow.params import hide_credentials
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -51,11 +51,11 @@ from typing_extensions import override
 
 from lkflow.artifacts import dataset_record, save_model, summary_text, write_artifacts
 from lkflow.checks import check_registered_model_name
+from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
 from lkflow.outbox import DEFAULT_DIR, Entry, Outbox, State, deliver
 from lkflow.params import (
     fit_params,
-    hide_credentials,
     prepare_params,
     same_value,
     sanitize_key,

@@ -11,13 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlflow.utils import validation
 
+from lkflow.credentials import MASK
 from lkflow.params import (
-    MASK,
     MAX_KEY_LENGTH,
     MAX_VALUE_LENGTH,
     flatten,
-    hide_credentials,
-    is_secret_key,
     prepare_params,
     same_value,
     sanitize_key,
@@ -43,35 +41,6 @@ def test_flatten_nests_with_dots_and_keeps_other_values() -> None:
     assert flatten({"lr": 1}, prefix="model") == {"model.lr": 1}
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "token",
-        "hf_token",
-        "db.password",
-        "PASSWORD",
-        "client_secret",
-        "api_key",
-        "apiKey",
-        "aws.secretKey",
-        "wandb-api-key",
-        "AUTH_TOKEN",
-        "privatekey",
-        "user.passwd",
-    ],
-)
-def test_secret_keys(key: str) -> None:
-    assert is_secret_key(key)
-
-
-@pytest.mark.parametrize(
-    "key",
-    ["monkey", "keyboard", "hotkeys", "tokenizer", "max_tokens", "secretary", "lr", "donkey.kong"],
-)
-def test_keys_that_only_contain_a_secret_word(key: str) -> None:
-    assert not is_secret_key(key)
-
-
 def test_masking_hides_text_secrets_and_keeps_numbers() -> None:
     params = {"hf_token": "hf_abc", "db": {"password": "hunter2"}, "token_dim": 64, "monkey": "x"}
     assert prepare_params(params) == {
@@ -80,21 +49,6 @@ def test_masking_hides_text_secrets_and_keeps_numbers() -> None:
         "token_dim": "64",
         "monkey": "x",
     }
-
-
-@pytest.mark.parametrize(
-    ("text", "shown"),
-    [
-        ("https://alice:s3cret@host:5000/path", "https://***@host:5000/path"),
-        ("http://token@host", "http://***@host"),
-        ("postgresql+psycopg2://u:p@db/mlflow", "postgresql+psycopg2://***@db/mlflow"),
-        ("see s3://k:s@bucket and https://x:y@h", "see s3://***@bucket and https://***@h"),
-        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
-        ("alice@example.com", "alice@example.com"),
-    ],
-)
-def test_hide_credentials(text: str, shown: str) -> None:
-    assert hide_credentials(text) == shown
 
 
 def test_uri_credentials_are_hidden_in_any_param() -> None:

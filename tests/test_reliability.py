@@ -25,21 +25,19 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import Net, fresh_store, make_model
+from helpers import fresh_store, make_model
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_model_name
-from servers import free_port, mlflow_server
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lkflow
 from lkflow import LightModel, LkflowError
 from lkflow.checks import check_registered_model_name
 from lkflow.datasets import rings
-from lkflow.params import MASK, flatten
+from lkflow.params import flatten
 from lkflow.store import check_tracking_uri
 from lkflow.tasks import parse_params
 
@@ -609,41 +607,3 @@ def test_servers_lkflow_starts_listen_on_localhost_by_default() -> None:
     assert host.default == "127.0.0.1"
     for path in (ROOT / "lkflow").glob("*.py"):
         assert "0.0.0.0" not in path.read_text(), path.name
-
-
-class _WithToken(LightModel):
-    def __init__(self, net: nn.Module, api_token: str, hidden: int = 6, **kwargs: Any) -> None:
-        super().__init__(net, **kwargs)
-
-
-@pytest.mark.slow
-def test_secrets_never_become_params_or_tags(
-    tmp_path: Path, migrated_store: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    secret = "abc123"
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
-    (tmp_path / "server").mkdir()
-    port = free_port()
-    backend = fresh_store(tmp_path / "server", migrated_store)
-    with mlflow_server(backend, tmp_path / "served", tmp_path, port):
-        uri = f"http://alice:{secret}@127.0.0.1:{port}"
-        net = Net()
-        model = _WithToken(net, api_token=secret, loss_fn=nn.BCEWithLogitsLoss())
-        model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, tracking_uri=uri)
-        client = MlflowClient(f"http://127.0.0.1:{port}")
-        run = client.get_run(model.run_id)
-        version = client.get_model_version("Net", "1")
-        (output,) = run.outputs.model_outputs
-        logged_model = client.get_logged_model(output.model_id)
-    assert run.data.params["api_token"] == MASK and run.data.params["hidden"] == "6"
-    texts = {
-        "params": run.data.params,
-        "tags": run.data.tags,
-        "model params": logged_model.params,
-        "model tags": logged_model.tags,
-        "version tags": version.tags,
-        "version": {"description": version.description or "", "source": version.source},
-    }
-    for what, values in texts.items():
-        leaks = {k: v for k, v in values.items() if secret in k or secret in str(v)}
-        assert not leaks, what
