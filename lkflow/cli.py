@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import click
 
 from lkflow import registry
-from lkflow import runs as listing
+from lkflow import run_table as listing
 from lkflow.errors import LkflowError
 from lkflow.numbers import parse_float, parse_int
 from lkflow.outbox import DEFAULT_DIR

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
-from lkflow.runs import mode
+from lkflow.run_table import mode
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -14,7 +14,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -25,7 +24,6 @@ from servers import BIN, Server, free_port
 from lkflow import LkflowError
 from lkflow.cli import main
 from lkflow.registry import best_version
-from lkflow.runs import sort_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RINGS = f"{ROOT}/examples/rings.py:task"
@@ -107,13 +105,6 @@ def test_runs_as_csv_sorted_by_best_or_by_a_param(store: str) -> None:
     assert [r["lr"] for r in table("--sort=-lr")] == ["0.03", "0.01"]
     assert [r["run"] for r in table("--max", "1")] == ["run-b"]
     assert float(best_first[0]["duration"]) > 0 and best_first[0]["epochs"] == "2"
-
-
-def test_sorting_reads_numeric_params_as_numbers_and_flips_with_a_minus() -> None:
-    table = pd.DataFrame({"run": ["a", "b", "c"], "epochs": ["10", "2", None]})
-    assert list(sort_runs(table, "epochs")["run"]) == ["b", "a", "c"]
-    assert list(sort_runs(table, "-epochs")["run"]) == ["a", "b", "c"]
-    assert list(sort_runs(table, "-run")["run"]) == ["c", "b", "a"]
 
 
 def test_compare_writes_the_figure_and_marks_differing_params(store: str, tmp_path: Path) -> None:
