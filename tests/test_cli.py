@@ -23,7 +23,7 @@ from servers import BIN, Server, free_port
 
 from lkflow import LkflowError
 from lkflow.cli import main
-from lkflow.registry import best_version
+from lkflow.tracking.registry import best_version
 
 ROOT = Path(__file__).resolve().parents[1]
 RINGS = f"{ROOT}/examples/rings.py:task"

@@ -21,7 +21,7 @@ from servers import Server, free_port, mlflow_server
 
 from lkflow.cli import main
 from lkflow.errors import LkflowError
-from lkflow.outbox import Outbox
+from lkflow.tracking.outbox import Outbox
 
 EPOCHS = 4
 KEYS = ("loss", "acc", "val_loss", "val_acc", "lr")

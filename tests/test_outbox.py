@@ -220,7 +220,7 @@ def test_the_sqlite_migration_lock_is_one_file_beside_each_store(
     shutil.copy(migrated_store, work / "a.db")
     shutil.copy(migrated_store, work / "b" / "b.db")
     code = (
-        "from lkflow.store import tracking_client\n"
+        "from lkflow.tracking.store import tracking_client\n"
         "for uri in ('sqlite:///a.db', 'sqlite:///b/b.db', 'sqlite:///a.db'):\n"
         "    tracking_client(uri).search_experiments()\n"
     )
@@ -240,7 +240,7 @@ _HOLDER = """
 import sys
 import time
 
-from lkflow.outbox import Outbox
+from lkflow.tracking.outbox import Outbox
 
 outbox = Outbox.open("mlruns-outbox", sys.argv[1], "0", sys.argv[2])
 outbox.append({"op": "end", "status": "FINISHED", "end_time": int(time.time() * 1000)})

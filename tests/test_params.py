@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mlflow.utils import validation
 
 from lkflow.credentials import MASK
-from lkflow.params import (
+from lkflow.tracking.params import (
     MAX_KEY_LENGTH,
     MAX_VALUE_LENGTH,
     flatten,

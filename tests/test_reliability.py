@@ -37,9 +37,9 @@ import lkflow
 from lkflow import LightModel, LkflowError
 from lkflow.checks import check_registered_model_name
 from lkflow.datasets import rings
-from lkflow.params import flatten
-from lkflow.store import check_tracking_uri
 from lkflow.tasks import parse_params
+from lkflow.tracking.params import flatten
+from lkflow.tracking.store import check_tracking_uri
 
 ROOT = Path(lkflow.__file__).resolve().parents[1]
 

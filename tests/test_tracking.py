@@ -583,7 +583,7 @@ def test_module_without_history_is_refused() -> None:
 
 
 def test_importing_tracking_does_not_import_mlflow(tmp_path: Path) -> None:
-    code = "import sys, lkflow.tracking, lkflow.params; print(sorted(m for m in sys.modules if m.startswith('mlflow')))"
+    code = "import sys, lkflow.tracking.callback, lkflow.tracking.params; print(sorted(m for m in sys.modules if m.startswith('mlflow')))"
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,

@@ -160,10 +160,11 @@ def env_defaults(values: Mapping[str, str], *, override: bool = False) -> Iterat
         yield
     finally:
         for name in taken:
-            if before[name] is None:
+            value = before[name]
+            if value is None:
                 os.environ.pop(name, None)
             else:
-                os.environ[name] = before[name]
+                os.environ[name] = value
 
 
 _TRACKING_URI_FORMS = (
@@ -210,7 +211,8 @@ def check_tracking_uri(uri: str) -> None:
     elif scheme in ("", "file") or len(scheme) == 1:  # a path (C: on Windows): a file store
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 
-        valid = bool(MLFLOW_ALLOW_FILE_STORE.get()) and not uri.endswith(".db")
+        allowed = MLFLOW_ALLOW_FILE_STORE.get()  # type: ignore[no-untyped-call]  # unannotated
+        valid = bool(allowed) and not uri.endswith(".db")
     else:
         valid = scheme in _SCHEMES or scheme in _plugin_schemes()
     if valid:
