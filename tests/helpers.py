@@ -1,11 +1,15 @@
-"""What tests build: the article's tiny net, the rings in loaders, a Keras-style model, a store."""
+"""What tests build: the article's tiny net, the rings in loaders, a Keras-style model, a store,
+and tracked fits of it."""
 
 from __future__ import annotations
 
 import shutil
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -13,6 +17,9 @@ from torchmetrics.classification import BinaryAccuracy
 
 from lkflow.datasets import rings
 from lkflow.model import LightModel
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 
 class Net(nn.Module):
@@ -64,3 +71,53 @@ def fresh_store(folder: Path, migrated: Path) -> str:
         )
     connection.close()
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+# ---- tracked fits ------------------------------------------------------------------------
+
+
+def make_scheduled_model(
+    net: nn.Module | None = None, model_class: type[LightModel] = LightModel
+) -> LightModel:
+    """`make_model` with a StepLR, so that the scheduler's params are logged too."""
+    return make_model(net, model_class, scheduled=True)
+
+
+def fit(model: LightModel, epochs: int = 2, **kwargs: Any) -> LightModel:
+    """`model.fit` on `make_loaders()` on the CPU, quiet, with `kwargs` (tracking's too)."""
+    model.fit(*make_loaders(), epochs=epochs, gpus=0, verbose=0, **kwargs)
+    return model
+
+
+def plain_fit(
+    tracker: pl.Callback,
+    folder: Path,
+    epochs: int = 2,
+    callbacks: tuple[pl.Callback, ...] = (),
+    ckpt_path: str | None = None,
+    monitor: str | None = "val_loss",
+) -> LightModel:
+    """A fit with a plain `pl.Trainer`, its checkpoints (best `monitor`, last) in `folder`."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(folder / "checkpoints", monitor=monitor, save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[tracker, checkpoint, *callbacks],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = make_scheduled_model()
+    trainer.fit(model, *make_loaders(), ckpt_path=ckpt_path)
+    return model
+
+
+@dataclass
+class Tracked:
+    """One tracked fit: its model, a client of its store, its run, the store's URI."""
+
+    model: LightModel
+    client: MlflowClient
+    run_id: str
+    uri: str

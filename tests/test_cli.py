@@ -18,12 +18,10 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from servers import BIN, Server, free_port
 
 from lkflow import LkflowError
 from lkflow.cli import main
-from lkflow.tracking.registry import best_version
 
 ROOT = Path(__file__).resolve().parents[1]
 RINGS = f"{ROOT}/examples/rings.py:task"
@@ -188,27 +186,6 @@ def test_debug_shows_the_traceback(store: str) -> None:
 
 
 # ---- serve --------------------------------------------------------------------------------
-
-
-def _version(number: int, **tags: str) -> ModelVersion:
-    version_tags = [ModelVersionTag(key, value) for key, value in tags.items()]
-    return ModelVersion("net", number, creation_timestamp=number, tags=version_tags)
-
-
-def test_best_version_follows_the_metric_mode() -> None:
-    losses = [_version(1, monitor="val_loss", monitor_value="0.3"), _version(2)]
-    losses.append(_version(3, monitor="val_loss", monitor_value="0.2"))
-    assert best_version(losses)[0].version == 3
-    accs = [_version(n, monitor="val_acc", monitor_value=v) for n, v in ((1, ".9"), (2, ".8"))]
-    assert best_version(accs)[0].version == 1
-    recorded = [
-        _version(n, monitor="score", monitor_value=v, mode="max") for n, v in ((1, "1"), (2, "2"))
-    ]
-    assert best_version(recorded)[0].version == 2
-    assert best_version([_version(1), _version(2)]) == (
-        _version(2),
-        "the newest version: no recorded metric",
-    )
 
 
 @pytest.mark.slow

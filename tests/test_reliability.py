@@ -1,5 +1,5 @@
-"""Reliability: faults in user code, SIGTERM, a killed fit resumed, concurrent writers of one
-sqlite store, bad input tried on purpose, and secrets kept out of the run.
+"""Reliability: resuming from the last checkpoint, SIGTERM, a killed fit resumed, concurrent
+writers of one sqlite store, bad input tried on purpose, and what lkflow loads and listens on.
 
 Fits in separate processes run `fit_worker.py` (written by the `worker` fixture); every check of
 what a run holds goes through `MlflowClient`.
@@ -21,7 +21,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -29,17 +28,12 @@ from helpers import fresh_store, make_model
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import _validate_model_name
 from torch.utils.data import DataLoader, Dataset
 
 import lkflow
-from lkflow import LightModel, LkflowError
-from lkflow.checks import check_registered_model_name
+from lkflow import LkflowError
 from lkflow.datasets import rings
 from lkflow.tasks import parse_params
-from lkflow.tracking.params import flatten
-from lkflow.tracking.store import check_tracking_uri
 
 ROOT = Path(lkflow.__file__).resolve().parents[1]
 
@@ -58,77 +52,7 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(metric.step for metric in client.get_metric_history(run_id, key))
 
 
-# ---- an exception in user code -----------------------------------------------------------
-
-
-class _FailsInEpochOne(LightModel):
-    """Raises `error` in epoch 1's training step or validation, as `where` says."""
-
-    where = ""
-    error: BaseException = RuntimeError()
-
-    def shared_step(self, batch: Any) -> dict[str, Any]:
-        stage = "training_step" if self.trainer.training else "validation"
-        if self.current_epoch == 1 and stage == self.where and not self.trainer.sanity_checking:
-            raise self.error
-        return super().shared_step(batch)
-
-
-class _FailsAtEpochEnd(pl.Callback):
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == 1:
-            raise self.error
-
-
-class _UnreadableRow(Dataset):
-    """The rings, except that row 7 cannot be read once every row has been read once."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.rows, self.error, self.reads = rings(192, seed=1), error, 0
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.reads += 1
-        if index == 7 and self.reads > len(self.rows):
-            raise self.error
-        return self.rows[index]
-
-
-@pytest.mark.parametrize(
-    ("where", "error"),
-    [
-        ("training_step", RuntimeError("bad step")),
-        ("validation", ZeroDivisionError("bad validation")),
-        ("epoch_end", KeyError("bad epoch end")),
-        ("data_loading", OSError("row 7 is unreadable")),
-    ],
-)
-def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
-    tracking_uri: str, where: str, error: BaseException
-) -> None:
-    model = make_model(model_class=_FailsInEpochOne)
-    model.where, model.error = where, error
-    callbacks = [_FailsAtEpochEnd(error)] if where == "epoch_end" else []
-    loaders = make_loaders(_UnreadableRow(error) if where == "data_loading" else None)
-    with pytest.raises(type(error)) as raised:
-        model.fit(*loaders, epochs=3, gpus=0, verbose=0, callbacks=callbacks)
-    assert raised.value is error  # the very object, unwrapped
-
-    client = MlflowClient(tracking_uri)
-    run = only_run(client)
-    assert run.info.status == "FAILED"
-    epochs = [row["epoch"] for row in model.history]
-    assert epochs == [0]  # epoch 1 never ended
-    for key in ("loss", "acc", "val_loss", "val_acc", "lr"):
-        assert steps(client, run.info.run_id, key) == epochs, key
-    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    best = Path(model.trainer.checkpoint_callback.best_model_path).name
-    assert logged == {best, "last.ckpt"} and best.startswith("epoch=0-")
+# ---- resuming ----------------------------------------------------------------------------
 
 
 class _StopsAtEpochStart(pl.Callback):
@@ -444,97 +368,6 @@ def test_a_checkpoint_folder_no_file_can_be_created_in(
     assert MlflowClient(tracking_uri).search_runs(["0"]) == []  # failed before any run
 
 
-@pytest.mark.parametrize(
-    ("uri", "meant"),
-    [
-        ("sqlite:/mlflow.db", "sqlite:///mlflow.db"),
-        ("sqlite://mlflow.db", "sqlite:///mlflow.db"),
-        ("sqllite:///mlflow.db", "sqlite:///mlflow.db"),
-        ("mlflow.db", "sqlite:///mlflow.db"),
-        ("htp://127.0.0.1:5000", "http://127.0.0.1:5000"),
-        ("http:/127.0.0.1:5000", "http://127.0.0.1:5000"),
-        ("http//127.0.0.1:5000", "http://127.0.0.1:5000"),
-        ("localhost:5000", "http://localhost:5000"),
-        ("htps://alice:s3cret@mlflow.example.com", "https://***@mlflow.example.com"),
-        ("file:./mlruns", None),
-        ("./mlruns", None),
-    ],
-)
-def test_a_tracking_uri_typo_is_one_line_naming_it_and_the_accepted_forms(
-    uri: str, meant: str | None
-) -> None:
-    with pytest.raises(LkflowError) as raised:
-        check_tracking_uri(uri)
-    message = str(raised.value)
-    assert "\n" not in message and "s3cret" not in message
-    shown = uri.replace("alice:s3cret", "***")
-    assert message.startswith(f"Received: tracking URI {shown!r}. Expected sqlite:///mlflow.db")
-    assert "http://host:port" in message and "MLFLOW_TRACKING_URI" in message
-    if meant is None:
-        assert "MLFLOW_ALLOW_FILE_STORE=true" in message
-    else:
-        assert f"Did you mean {meant!r}?" in message
-
-
-@pytest.mark.parametrize(
-    "uri",
-    [
-        "sqlite:///mlflow.db",
-        "sqlite:////tmp/runs/mlflow.db",
-        "http://127.0.0.1:5000",
-        "https://alice:s3cret@mlflow.example.com/prefix",
-        "postgresql://mlflow@db.example.com/mlflow",
-        "mysql+pymysql://mlflow@db/mlflow",
-        "databricks",
-        "databricks://profile",
-    ],
-)
-def test_tracking_uris_mlflow_opens_pass(uri: str) -> None:
-    check_tracking_uri(uri)
-
-
-def test_a_file_store_passes_where_mlflow_is_told_to_open_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    check_tracking_uri("file:./mlruns")
-
-
-def test_a_tracking_uri_typo_fails_the_fit_before_training(tmp_path: Path) -> None:
-    model = make_model()
-    with pytest.raises(LkflowError, match=r"tracking URI 'sqlite:/mlflow\.db'.*sqlite:///"):
-        model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, tracking_uri="sqlite:/mlflow.db")
-    assert model.history == []
-    assert not list(tmp_path.glob("*.db"))
-
-
-@given(st.text(max_size=12))
-def test_registered_names_are_refused_exactly_where_mlflow_refuses_them(name: str) -> None:
-    try:
-        _validate_model_name(name)
-    except MlflowException:
-        with pytest.raises(LkflowError, match=re.escape(f"registered_model_name={name!r}")):
-            check_registered_model_name(name)
-    else:
-        check_registered_model_name(name)
-
-
-@pytest.mark.parametrize("name", ["..", ".", "..net"])
-def test_a_registered_name_mlflow_rejects_fails_before_training_and_keeps_the_run(
-    tracking_uri: str, name: str
-) -> None:
-    client = MlflowClient(tracking_uri)
-    model = make_model()
-    with mlflow.start_run() as run:
-        client.log_metric(run.info.run_id, "kept", 1.0)
-        with pytest.raises(LkflowError, match=re.escape(f"registered_model_name={name!r}")):
-            model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, registered_model_name=name)
-    assert model.history == []
-    kept = client.get_run(run.info.run_id)
-    assert kept.data.metrics == {"kept": 1.0} and kept.data.params == {}
-    assert client.search_registered_models() == []
-
-
 _KEYS = st.text(alphabet=st.characters(blacklist_characters="=", blacklist_categories=["Cs"]))
 
 
@@ -547,33 +380,6 @@ def test_param_pairs_split_at_the_first_equals_sign(key: str, value: str) -> Non
 def test_param_pairs_without_a_key_are_refused_by_name(pair: str) -> None:
     with pytest.raises(LkflowError, match=re.escape(f"--param {pair!r}. Expected key=value")):
         parse_params([pair])
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        level = nested
-        for parent in parents:
-            level = level.setdefault(parent, {})
-        level[leaf] = value
-    return nested
-
-
-_NESTED = st.recursive(
-    st.one_of(st.integers(), st.text(max_size=5), st.none(), st.just({})),
-    lambda children: st.dictionaries(
-        st.text(alphabet="abcxyz_-", min_size=1, max_size=4), children, min_size=1, max_size=4
-    ),
-    max_leaves=15,
-).filter(lambda value: isinstance(value, dict))
-
-
-@given(_NESTED)
-def test_flattening_keeps_every_leaf_under_its_dotted_path(params: dict[str, Any]) -> None:
-    flat = flatten(params)
-    assert all(not isinstance(v, dict) or v == {} for v in flat.values())
-    assert _unflatten(flat) == params
 
 
 # ---- security -------------------------------------------------------------------------------

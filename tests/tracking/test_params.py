@@ -1,12 +1,15 @@
-"""lkflow.params: flattening, masking, truncation and key cleaning, checked against MLflow's rules."""
+"""lkflow.tracking.params: what a fit logs as params; flattening, masking, truncation and key
+cleaning, checked against MLflow's rules."""
 
 from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
+from helpers import Tracked
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow.utils import validation
@@ -23,6 +26,34 @@ from lkflow.tracking.params import (
     stringify,
     truncate,
 )
+
+
+def test_params(tracked: Tracked) -> None:
+    params = tracked.client.get_run(tracked.run_id).data.params
+    assert (
+        params
+        | {
+            "epochs": "3",
+            "batch_size": "64",
+            "train_size": "320",
+            "val_size": "250",
+            "net": "Net",
+            "net.params": "115",
+            "precision": "32-true",
+            "devices": "1",
+            "accelerator": "cpu",
+            "strategy": "single_device",
+            "seed": "0",
+            "optimizer": "SGD",
+            "optimizer.lr": "0.05",
+            "optimizer.momentum": "0.9",
+            "lr_scheduler": "StepLR",
+            "lr_scheduler.step_size": "2",
+            "lr_scheduler.gamma": "0.5",
+            "lr_scheduler.interval": "epoch",
+        }
+        == params
+    )
 
 
 def test_limits_are_mlflows() -> None:
@@ -129,3 +160,30 @@ def test_prepared_params_are_valid_for_mlflow(params: dict) -> None:
     for key, value in prepared.items():
         validation._validate_param(key, value)
         assert isinstance(value, str)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        level = nested
+        for parent in parents:
+            level = level.setdefault(parent, {})
+        level[leaf] = value
+    return nested
+
+
+_NESTED = st.recursive(
+    st.one_of(st.integers(), st.text(max_size=5), st.none(), st.just({})),
+    lambda children: st.dictionaries(
+        st.text(alphabet="abcxyz_-", min_size=1, max_size=4), children, min_size=1, max_size=4
+    ),
+    max_leaves=15,
+).filter(lambda value: isinstance(value, dict))
+
+
+@given(_NESTED)
+def test_flattening_keeps_every_leaf_under_its_dotted_path(params: dict[str, Any]) -> None:
+    flat = flatten(params)
+    assert all(not isinstance(v, dict) or v == {} for v in flat.values())
+    assert _unflatten(flat) == params
