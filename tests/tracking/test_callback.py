@@ -137,3 +137,21 @@ def test_arguments_are_kept_as_passed() -> None:
     assert callback.experiment_name == "e" and callback.registered_model_name is False
     assert callback.tags == {"k": "v"} and callback.run_id is None
     assert callback.run_id_ is None and callback.client_ is None
+
+
+def test_a_fit_without_checkpoints_logs_the_net_of_its_last_epoch(tracking_uri: str) -> None:
+    tracker = MLflowCallback(registered_model_name=False)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[tracker],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(make_model(), *make_loaders())
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(tracker.run_id_)
+    assert run.info.status == "FINISHED" and "best_epoch" not in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"net", "history.csv"}
+    assert [output.step for output in run.outputs.model_outputs] == [1]  # the last epoch
