@@ -28,7 +28,7 @@ from lkflow.errors import LkflowError
 from lkflow.numbers import parse_float, parse_int
 from lkflow.tracking import registry
 from lkflow.tracking.outbox import DEFAULT_DIR
-from lkflow.tracking.store import check_reachable
+from lkflow.tracking.store import check_reachable, check_sqlite_file
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -172,6 +172,7 @@ def _client(tracking_uri: str | None) -> MlflowClient:
 
     uri = tracking_uri or get_tracking_uri()
     check_reachable(uri)
+    check_sqlite_file(uri)
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite" and parsed.path not in ("", "/", "/:memory:"):
         path = Path(parsed.path[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db

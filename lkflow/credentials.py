@@ -2,15 +2,17 @@
 
     hide_credentials("https://alice:s3cret@mlflow.example.com")  # 'https://***@mlflow.example.com'
     mask_value("db.password", "hunter2")                        # '***'
+    mask_secrets({"db": {"password": "hunter2"}})                # {'db': {'password': '***'}}
 
 Every module that logs a value or prints a tracking URI masks it with these functions: the
-params and tags of a run, its error tag and traceback, the outbox's record of the URI, and
-every message that names a store.
+params and tags of a run, its error tag and traceback, the hyperparameters a checkpoint
+keeps, the outbox's record of the URI, and every message that names a store.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 MASK = "***"
@@ -83,3 +85,25 @@ def mask_value(key: str, value: Any) -> Any:
         ('***', 64)
     """
     return MASK if isinstance(value, (str, bytes)) and is_secret_key(key) else value
+
+
+def mask_secrets(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`params` with the same nesting, each value masked as `mask_value` masks its flat key.
+
+    Args:
+        params: Possibly nested params, such as a model's hyperparameters.
+        prefix: The flat key of `params` itself, such as "model". Defaults to "".
+
+    Returns:
+        A new dict; nested mappings become dicts, other values are kept or `MASK`.
+
+    Example:
+        >>> mask_secrets({"db": {"password": "hunter2", "port": 5432}, "lr": 0.1})
+        {'db': {'password': '***', 'port': 5432}, 'lr': 0.1}
+    """
+    masked: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        nested = isinstance(value, Mapping) and value
+        masked[key] = mask_secrets(value, name) if nested else mask_value(name, value)
+    return masked

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,13 +23,25 @@ from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from torch import nn
 from typing_extensions import override
 
-from lkflow.checkpoints import LastCheckpoint
-from lkflow.checks import check_finite, check_fit_args, check_loader, is_metric, stage_metrics
+from lkflow.checkpoints import BestCheckpoint, LastCheckpoint
+from lkflow.checks import (
+    check_checkpoint,
+    check_finite,
+    check_fit_args,
+    check_loader,
+    check_monitor,
+    is_metric,
+    loss_dtype_error,
+    resume_path,
+    stage_metrics,
+)
+from lkflow.credentials import MASK, mask_secrets
 from lkflow.devices import Gpus, trainer_device_kwargs
 from lkflow.epoch_values import EpochValues, each_row_once, rows_in
 from lkflow.errors import LkflowError
 from lkflow.layers import naming_the_failing_layer
 from lkflow.progress import EpochLogger
+from lkflow.tracking.params import flatten
 from lkflow.trainer import build_trainer, fit_passing_interrupts, quiet, tracker_of
 
 if TYPE_CHECKING:
@@ -87,7 +100,8 @@ class LightModel(pl.LightningModule):
         self._val_row: dict[str, float] = {}
         self._epoch_lr: float | None = None
         self._keys_checked = False  # whether the monitored keys were checked in this fit
-        self._first_step = True  # the first step of a run names a layer that fails
+        self._first_steps = set(_STAGES)  # the stages whose first step, still to come, names
+        # a layer that fails: the sanity check's validation step does not stand for training's
         self.save_hyperparameters(ignore=_NOT_HPARAMS)
         self._check_has_loss()
 
@@ -122,7 +136,13 @@ class LightModel(pl.LightningModule):
         """
         x, y = _split_xy(batch)
         preds = self(x)
-        values: dict[str, Any] = {"loss": self.loss_fn(preds, y)}
+        try:
+            values: dict[str, Any] = {"loss": self.loss_fn(preds, y)}
+        except RuntimeError as err:
+            explained = loss_dtype_error(self.loss_fn, preds, y, err)
+            if explained is None:
+                raise
+            raise explained from err
         stage_metrics: nn.ModuleDict = getattr(self, f"{self._stage()}_metrics")
         for name, metric in stage_metrics.items():
             metric.update(preds, y)
@@ -169,13 +189,15 @@ class LightModel(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self._keys_checked = False
-        self._first_step = True
+        self._first_steps = set(_STAGES)
 
     def _step(self, batch: Any, stage: str) -> dict[str, Any]:
-        watch = naming_the_failing_layer(self.net) if self._first_step else contextlib.nullcontext()
+        first = stage in self._first_steps
+        watch = naming_the_failing_layer(self.net) if first else contextlib.nullcontext()
         with watch:
             values = self.shared_step(batch)
-        self._first_step = False
+        if first:
+            self._first_steps.discard(stage)
         if isinstance(values, torch.Tensor):
             values = {"loss": values}
         if not isinstance(values, Mapping) or "loss" not in values:
@@ -262,6 +284,9 @@ class LightModel(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lkflow_history"] = [dict(row) for row in self.history]
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, Mapping):  # secrets masked as in the run's params
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = mask_secrets(hparams)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -280,17 +305,22 @@ class LightModel(pl.LightningModule):
         """A model from a checkpoint, built around `net`, which receives the saved weights.
 
         Checkpoints hold weights and plain hyperparameters, never pickled modules, so the
-        net (and any loss, metrics or optimizer the constructor takes) is passed in again.
+        net (and any loss, metrics or optimizer the constructor takes) is passed in again;
+        so are secrets (`api_key=...`), which checkpoints hold masked as `'***'`.
 
         Args:
             checkpoint_path: A `.ckpt` file written while fitting.
             net: A fresh instance of the net class that was trained. Required.
             map_location: Where to load tensors, as in `torch.load`. Defaults to None.
             strict: Whether every key must match. Defaults to None (Lightning's default).
-            **kwargs: Other constructor arguments, such as `loss_fn=`.
+            **kwargs: Other constructor arguments, such as `loss_fn=` or `api_key=`.
 
         Returns:
             The model, with the history of the fit that wrote the checkpoint.
+
+        Raises:
+            LkflowError: Without `net`, or for a file that is not a complete lkflow
+                checkpoint (empty, cut short, or of another program).
 
         Example:
             >>> clone = Model.load_from_checkpoint(path, net=Net())  # doctest: +SKIP
@@ -301,6 +331,10 @@ class LightModel(pl.LightningModule):
                 "not modules. Pass a fresh one: "
                 f"{cls.__name__}.load_from_checkpoint(path, net=Net())."
             )
+        local = isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path)
+        if local:  # else Lightning's own error, or a remote file or a file object
+            saved = check_checkpoint(checkpoint_path, "checkpoint_path")
+            _warn_of_masked(saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}, kwargs)
         return super().load_from_checkpoint(
             checkpoint_path,
             map_location=map_location,
@@ -372,8 +406,10 @@ class LightModel(pl.LightningModule):
         """
         monitor = monitor or ("val_loss" if val_data is not None else "loss")
         check_fit_args(epochs, mode, patience, verbose, train_data, val_data, ckpt_path, ckpt_dir)
+        check_monitor(monitor, val_data)
         device_kwargs = trainer_device_kwargs(gpus, trainer_kwargs)
-        checkpoint = ModelCheckpoint(
+        ckpt_path = resume_path(ckpt_path, ckpt_dir)
+        checkpoint = BestCheckpoint(
             dirpath=ckpt_dir,
             filename=f"{{epoch}}-{{{monitor}:.4f}}",
             monitor=monitor,
@@ -483,6 +519,24 @@ class LightModel(pl.LightningModule):
         import pandas as pd
 
         return pd.DataFrame(self.history)
+
+
+def _warn_of_masked(hparams: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Warns of hyperparameters held masked in a checkpoint and not passed again."""
+    masked = [key for key, value in hparams.items() if key not in given and _holds_mask(value)]
+    if masked:
+        names = ", ".join(f"{key}=..." for key in masked)
+        warnings.warn(
+            f"The checkpoint holds {', '.join(masked)} masked as {MASK!r} (lkflow keeps "
+            f"secrets out of checkpoints), so the model gets {MASK!r}. Pass {names} to "
+            "load_from_checkpoint for the real value.",
+            stacklevel=3,
+        )
+
+
+def _holds_mask(value: Any) -> bool:
+    values = flatten(value).values() if isinstance(value, Mapping) else [value]
+    return any(isinstance(v, str) and v == MASK for v in values)
 
 
 def _split_xy(batch: Any) -> tuple[Any, Any]:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lkflow.checkpoints import CompleteCheckpointIO
 from lkflow.errors import LkflowError
 
 if TYPE_CHECKING:
@@ -36,7 +38,10 @@ def build_trainer(
         "enable_progress_bar": verbose == 1,
         "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
     }
-    return pl.Trainer(**(options | kwargs), callbacks=callbacks)
+    trainer = pl.Trainer(**(options | kwargs), callbacks=callbacks)
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one passed in plugins
+        trainer.strategy.checkpoint_io = CompleteCheckpointIO()
+    return trainer
 
 
 def tracker_of(

@@ -6,8 +6,9 @@
 What one fit logs, all through `MlflowClient` calls naming the run, from rank zero only:
 - params (train start): the module's hparams, optimizer, scheduler, epochs, batch size,
   precision, devices, seed, the net's class and size, the data sizes; batched, 100 a call.
-- metrics: each `history` row once, `step=epoch`, one batched call per epoch; at the end
-  `best_<monitor>` and `best_epoch`.
+- metrics: each `history` row once, `step=epoch`, one batched call per epoch, after the
+  epoch's checkpoint is written; at the end `best_<monitor>` and `best_epoch`. A resumed fit
+  first reads which steps its run holds, and logs only the rows of the others.
 - inputs: the training and validation sets (rows, digest).
 - artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
   of the bare net), `history.csv`, `curves.png`, `summary.txt`.
@@ -18,7 +19,13 @@ A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflo
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
 the run and ends it FINISHED, FAILED on an exception, or KILLED on Ctrl-C. An exception also
 leaves its type and message in the tag `lkflow.error` and its traceback's last lines in
-`traceback.txt`; the exception itself reaches the caller unchanged.
+`traceback.txt`; the exception itself reaches the caller unchanged. A later fit of the run that
+finishes moves that tag to `lkflow.previous_error` (traceback.txt stays, the last error's).
+
+The store is only read until the first training batch has gone through: a mistake that the
+arguments, the sanity check or the first step reveal fails the fit before any run is created
+or reopened. The run opens at the end of that batch, and what the fit logged before (params,
+datasets) goes first.
 
 A tracking server that does not answer when the fit starts stops it before training. One that
 goes away during the fit does not: the write that failed and every later write of the run go,
@@ -61,7 +68,16 @@ from lkflow.tracking.metrics import MetricRows
 from lkflow.tracking.outbox import DEFAULT_DIR
 from lkflow.tracking.params import fit_params, prepare_params
 from lkflow.tracking.registry import best_checkpoint, registered_name, registration
-from lkflow.tracking.run import end_run, log_error, log_params, open_run
+from lkflow.tracking.run import (
+    FoundRun,
+    TrackedRun,
+    clear_error,
+    end_run,
+    find_run,
+    log_error,
+    log_params,
+    open_run,
+)
 from lkflow.tracking.store import check_reachable, check_tracking_uri, tracking_client
 from lkflow.tracking.writes import Writer
 
@@ -76,7 +92,7 @@ _EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input 
 class MLflowCallback(pl.Callback):
     """Logs a fit to MLflow, then logs and registers the bare net with its best weights.
 
-    Arguments are kept as passed; what they resolve to at fit start lives in attributes
+    Arguments are kept as passed; what they resolve to during the fit lives in attributes
     with a trailing underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`,
     `model_version_`.
 
@@ -128,6 +144,8 @@ class MLflowCallback(pl.Callback):
         self.params = params
         self.outbox_dir = outbox_dir
         self.client_: MlflowClient | None = None
+        self.run_id_: str | None = None
+        self.experiment_id_: str | None = None
         self.model_uri_: str | None = None
         self.model_version_: ModelVersion | None = None
         self._restored: dict[str, Any] = {}
@@ -135,21 +153,12 @@ class MLflowCallback(pl.Callback):
 
     def _reset(self) -> None:
         """Per-fit state, cleared at each setup so one callback can track several fits."""
-        self._writer: Writer | None = None  # the run's writer, once the run is open
+        self._found: FoundRun | None = None  # what the fit read at its start
+        self._writer: Writer | None = None  # the fit's writer, from fit start
         self._rows = MetricRows()
         self._example: torch.Tensor | None = None
         self._example_done = False
         self._outbox_root = Path(self.outbox_dir)
-
-    @property
-    def run_id_(self) -> str | None:
-        """The run this fit logs into; None before the fit starts."""
-        return None if self._writer is None else self._writer.run.run_id
-
-    @property
-    def experiment_id_(self) -> str | None:
-        """The experiment of the run; None before the fit starts."""
-        return None if self._writer is None else self._writer.run.experiment_id
 
     # ---- Lightning hooks ---------------------------------------------------------------
 
@@ -173,43 +182,40 @@ class MLflowCallback(pl.Callback):
         self._outbox_root = Path(self.outbox_dir).resolve()
         self._restored = {}
         self.client_ = tracking_client(uri)
-        self.model_uri_ = self.model_version_ = None
+        self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self.client_
         if not trainer.is_global_zero or client is None:
             return
-        restored_run_id = self._restored.get("run_id")
-        run = open_run(
+        self._found = found = find_run(
             client,
             run_id=self.run_id,
             experiment_name=self.experiment_name,
-            run_name=self.run_name,
-            tags=self.tags,
-            restored_run_id=restored_run_id,
+            restored_run_id=self._restored.get("run_id"),
         )
-        self._writer = Writer(run, self._outbox_root)
-        self._writer.continue_outbox()
-        if self.experiment_name not in (None, run.experiment_name):
+        self.run_id_, self.experiment_id_ = found.run_id, found.experiment_id
+        self._writer = Writer(self._outbox_root)
+        if self.experiment_name not in (None, found.experiment_name):
             warnings.warn(
-                f"Logging into run {run.run_id} of experiment {run.experiment_name!r}; "
+                f"Logging into run {found.run_id} of experiment {found.experiment_name!r}; "
                 f"experiment_name={self.experiment_name!r} applies to new runs only.",
                 stacklevel=2,
             )
-        if restored_run_id == run.run_id:
-            self._rows.n_logged = int(self._restored.get("n_logged", 0))
+        if self._restored and found.run_id is not None:  # resumed, whenever the last fit stopped
+            self._rows.hold(client, found.run_id, self._outbox_root, _history(pl_module))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or self._writer is None:
+        if not trainer.is_global_zero or self._writer is None or self._found is None:
             return
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         own = fit_params(trainer, net_of(pl_module), pl_module.hparams)
         prepared = prepare_params({**own, **(self.params or {})}, limit=MAX_PARAM_VAL_LENGTH)
-        resumed = self._restored.get("run_id") == self._writer.run.run_id
-        log_params(self._writer, prepared, resumed)
+        resumed = self._restored.get("run_id") == self.run_id_
+        log_params(self._writer, self._found, prepared, resumed)
         datasets = datasets_write(trainer)
         if datasets is not None:
             self._writer.send(datasets)
@@ -230,6 +236,18 @@ class MLflowCallback(pl.Callback):
             self._example = inputs[:_EXAMPLE_ROWS].detach().clone()  # stays on the device
 
     @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.is_global_zero:
+            self._open()
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self._writer is not None:
             self._rows.log(self._writer, _history(pl_module))
@@ -241,19 +259,25 @@ class MLflowCallback(pl.Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or self._writer is None:
+        if not trainer.is_global_zero:
             return
-        self._rows.log(self._writer, _history(pl_module))
-        self._log_outputs(self._writer, trainer, pl_module)
-        end_run(self._writer, "FINISHED")
+        opened = self._open()  # opened here by a fit without a batch, as a finished one resumed
+        if opened is None:
+            return
+        writer, run = opened
+        self._rows.log(writer, _history(pl_module))
+        self._log_outputs(writer, run, trainer, pl_module)
+        clear_error(writer, run)
+        end_run(writer, run, "FINISHED")
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         writer = self._writer
-        if not trainer.is_global_zero or writer is None:
-            return
+        run = None if writer is None else writer.run
+        if not trainer.is_global_zero or writer is None or run is None:
+            return  # failed before the first batch trained: no run was created or reopened
         status = "FAILED" if isinstance(exception, Exception) else "KILLED"  # Ctrl-C, SIGTERM
         with _carry_on("log the history and checkpoints of the failed fit"):
             self._rows.log(writer, _history(pl_module))
@@ -262,28 +286,32 @@ class MLflowCallback(pl.Callback):
                 writer.send(checkpoints)
         with _carry_on("log the error of the failed fit"):
             log_error(writer, exception)
-        with _carry_on(f"end run {writer.run.run_id} {status}"):
-            end_run(writer, status)
-
-    @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Lightning took state_dict() before this hook; the module adds its history after it.
-        # Logging the rows now and saving the count again keeps both in step on resume.
-        if trainer.is_global_zero and self._writer is not None:
-            self._rows.log(self._writer, _history(pl_module))
-            checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+        with _carry_on(f"end run {run.run_id} {status}"):
+            end_run(writer, run, status)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id_, "n_logged": self._rows.n_logged}
+        return {"run_id": self.run_id_}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
 
-    # ---- after the fit -----------------------------------------------------------------
+    # ---- the run -----------------------------------------------------------------------
+
+    def _open(self) -> tuple[Writer, TrackedRun] | None:
+        """The fit's writer and its run, the run created or reopened now if it is not yet;
+        None before the fit started."""
+        writer, found = self._writer, self._found
+        if writer is None or found is None:
+            return None
+        if writer.run is None:
+            run = open_run(
+                found, experiment_name=self.experiment_name, run_name=self.run_name, tags=self.tags
+            )
+            self.run_id_, self.experiment_id_ = run.run_id, run.experiment_id
+            writer.open(run)
+        return (writer, writer.run) if writer.run is not None else None
 
     def log_figures(self, figures: Mapping[str, Figure], artifact_path: str = "report") -> None:
         """Figures as PNG files in the run of the last fit, under `artifact_path`.
@@ -298,13 +326,13 @@ class MLflowCallback(pl.Callback):
         Example:
             >>> tracker.log_figures({"confusion": figure})  # doctest: +SKIP
         """
-        if self._writer is None or not figures:
+        if self._writer is None or self._writer.run is None or not figures:
             return
         with figure_files(figures, artifact_path) as write:
             self._writer.send(write)
 
     def _log_outputs(
-        self, writer: Writer, trainer: pl.Trainer, pl_module: pl.LightningModule
+        self, writer: Writer, run: TrackedRun, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
         """Artifacts, the bare net with the best weights as an MLflow model, best metrics."""
         best = best_checkpoint(trainer, _history(pl_module))
@@ -316,7 +344,6 @@ class MLflowCallback(pl.Callback):
         checkpoints = checkpoints_write(trainer, last=False)
         if checkpoints is not None:
             writer.send(checkpoints)
-        run = writer.run
         if self.log_model:
             ids = (run.run_id, run.experiment_id)
             with saved_model(net, example, *ids, run.params, best.epoch) as model:

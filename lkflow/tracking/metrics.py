@@ -1,24 +1,31 @@
 """The history's rows as the run's metric points: each row once, at `step=epoch`.
 
     rows = MetricRows()
+    rows.hold(client, run_id, outbox_root, history)  # a resumed fit: the steps its run holds
     rows.log(writer, pl_module.history)  # the rows since the last call, in one write
     rows.log_best(writer, best, pl_module.history, to_model=True)  # best_<monitor>, best_epoch
 
 History keys become MLflow-safe metric names (`lkflow.tracking.params.sanitize_keys`, one
 warning listing every rename); the names and the time each step was logged are kept, so that
-the best epoch's row can be linked to the logged model with the same values and times.
+the best epoch's row can be linked to the logged model with the same values and times. A
+resumed fit first reads which steps its run holds, and logs only the rows of the others.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lkflow.tracking.outbox import Outbox
 from lkflow.tracking.params import sanitize_key, sanitize_keys
 from lkflow.tracking.registry import BEST_EPOCH_METRIC, BEST_PREFIX
+from lkflow.tracking.store import bounded_http_retries
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     from lkflow.tracking.registry import Best
     from lkflow.tracking.writes import Point, Writer
 
@@ -33,24 +40,63 @@ class MetricRows:
         self.logged_at: dict[int, int] = {}  # step -> the time its row was logged, in ms
 
     def log(self, writer: Writer, history: Sequence[Mapping[str, Any]]) -> None:
-        """History rows not logged yet: one batched write, each row at `step=epoch`."""
+        """History rows not logged yet: one batched write, each row at `step=epoch`, except
+        rows whose step the run already holds (logged before the fit was resumed)."""
         rows = history[self.n_logged :]
-        if not rows:
-            return
+        steps = [int(row.get("epoch", self.n_logged + i)) for i, row in enumerate(rows)]
+        new = [
+            (step, row) for step, row in zip(steps, rows, strict=True) if step not in self.logged_at
+        ]
+        if new:
+            self._name(row for _, row in new)
+            now = int(time.time() * 1000)
+            values = [
+                (self.names[key], float(value), now, step)
+                for step, row in new
+                for key, value in row.items()
+                if key != "epoch"
+            ]
+            writer.send({"op": "batch", "metrics": values, "to_model": False})
+            self.logged_at.update(dict.fromkeys([step for step, _ in new], now))
+        self.n_logged += len(rows)
+
+    def _name(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Adds the MLflow names of the rows' keys to `names`."""
         keys = [key for row in rows for key in row if key != "epoch"]
         if not set(keys) <= set(self.names):
             self.names = sanitize_keys(dict.fromkeys([*self.names, *keys]))
-        now = int(time.time() * 1000)
-        steps = [int(row.get("epoch", self.n_logged + i)) for i, row in enumerate(rows)]
-        values = [
-            (self.names[key], float(value), now, step)
-            for step, row in zip(steps, rows, strict=True)
-            for key, value in row.items()
-            if key != "epoch"
-        ]
-        writer.send({"op": "batch", "metrics": values, "to_model": False})
-        self.logged_at.update(dict.fromkeys(steps, now))
-        self.n_logged += len(rows)
+
+    def hold(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        outbox_root: Path,
+        history: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Takes the steps the run holds, logged by the fits before a resume, as logged.
+
+        One metric's history tells them (every row is logged in one call), read from MLflow
+        and from the run's outbox, whose writes have not reached MLflow yet.
+        """
+        first = next((key for key in history[0] if key != "epoch"), None) if history else None
+        if first is None:
+            self.logged_at = {}
+            return
+        self._name(history[:1])
+        key = self.names[first]
+        # The outbox first: a sync delivering meanwhile moves its points into MLflow, read next.
+        kept = Outbox(outbox_root / run_id).entries()
+        with bounded_http_retries():
+            points = client.get_metric_history(run_id, key)
+        held = {
+            step: at
+            for write in kept
+            if write["op"] == "batch"
+            for name, _, at, step in write.get("metrics", [])
+            if name == key
+        }
+        held.update({point.step: point.timestamp for point in points})
+        self.logged_at = held
 
     def log_best(
         self, writer: Writer, best: Best, history: Sequence[Mapping[str, Any]], to_model: bool

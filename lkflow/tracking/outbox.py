@@ -30,6 +30,7 @@ lkflow/tracking/writes.py types; paths are relative to the run's folder:
      "model_id": null}                   a LoggedModel: created, uploaded, finalized, output
     {"op": "register", "name", "tags", "description"}         a version of that model
     {"op": "end", "status": "FINISHED", "end_time": ms}       the status the fit ended with
+    {"op": "delete_tag", "key": "lkflow.error"}               a tag removed, if the run has it
 
 `sync_run` delivers the lines after `delivered` in order into the same run, records each
 line as MLflow accepts it, and removes the run's folder when all are in: a second sync has

@@ -1,17 +1,19 @@
-"""The run a fit logs into: found or created at fit start, reopened, taken over, and ended.
+"""The run a fit logs into: found at fit start, created or reopened after the first batch, ended.
 
-    run = open_run(client, run_id=None, experiment_name="rings", run_name=None, tags={},
-                   restored_run_id=None)
-    ...
-    end_run(writer, "FINISHED")  # only a run this fit opened
+    found = find_run(client, run_id=None, experiment_name="rings", restored_run_id=None)
+    run = open_run(found, experiment_name="rings", run_name=None, tags={})  # after a batch
+    end_run(writer, run, "FINISHED")  # only a run this fit opened
 
 The run is the first of: `run_id=`, the active run (`with mlflow.start_run()`), `MLFLOW_RUN_ID`
 (as `mlflow run` sets it), the run of the checkpoint being resumed; else a new run of the
 experiment (`experiment_name=`, `MLFLOW_EXPERIMENT_NAME`, `MLFLOW_EXPERIMENT_ID`, "Default").
-A run that is already open is logged into and left open; a run that had ended is reopened and
-ended again, and so is a run still RUNNING whose id only the checkpoint knew (its process was
-killed). A fit that fails leaves its error in the tag `lkflow.error` and its traceback's last
-lines in `traceback.txt`.
+The store is only read until the first training batch has gone through (`find_run`): a
+mistake that the arguments, the sanity check or the first step reveal fails the fit before
+any run is created or reopened (`open_run`). A run that is already open is logged into and
+left open; a run that had ended is reopened and ended again, and so is a run still RUNNING
+whose id only the checkpoint knew (its process was killed). A fit that fails leaves its error
+in the tag `lkflow.error` and its traceback's last lines in `traceback.txt`; a later fit of
+the run that finishes moves that tag to `lkflow.previous_error`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from lkflow.tracking.writes import Writer
 
 ERROR_TAG = "lkflow.error"  # the type and message of the exception a fit failed with
+PREVIOUS_ERROR_TAG = "lkflow.previous_error"  # that tag, once a later fit of the run finished
 RESUMED_EPOCHS_TAG = "lkflow.resumed_epochs"  # the epochs of a resumed fit that runs longer
 _TRACEBACK_LINES = 40  # the last lines of a failed fit's traceback kept in traceback.txt
 _ERROR_TAG_LENGTH = 500  # the longest `lkflow.error` tag
@@ -44,8 +47,25 @@ _FROM_CHECKPOINT = "the checkpoint's run_id"
 
 
 @dataclass
+class FoundRun:
+    """What a fit reads at its start, before any run is created or reopened: the existing run
+    to log into, if there is one, else the experiment of the new run."""
+
+    client: MlflowClient  # the client of the store
+    run: Run | None  # the existing run; None: a new run is created when the run opens
+    source: str  # where the existing run's id came from: "run_id", "the active run", ...
+    experiment_id: str | None  # the run's experiment; None: one still to be created
+    experiment_name: str  # its name, or the name asked for
+    params: dict[str, str]  # the params the run holds, and those this fit logged
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else str(self.run.info.run_id)
+
+
+@dataclass
 class TrackedRun:
-    """The run a fit logs into, as the fit found or created it."""
+    """The run a fit logs into, once it is created or reopened."""
 
     client: MlflowClient  # the client of the run's store
     run_id: str
@@ -53,26 +73,22 @@ class TrackedRun:
     experiment_name: str
     params: dict[str, str]  # the params the run holds, and those this fit logged
     owned: bool  # created or reopened by this fit, which ends it
-    status_found: str  # the run's status when this fit found it
+    found: Run | None  # the run as the fit found it; None for a run this fit created
 
 
-def open_run(
+def find_run(
     client: MlflowClient,
     *,
     run_id: str | None,
     experiment_name: str | None,
-    run_name: str | None,
-    tags: Mapping[str, Any] | None,
     restored_run_id: str | None,
-) -> TrackedRun:
-    """The run to log into: an existing one (reopened when it had ended) or a new one.
+) -> FoundRun:
+    """The run to log into, or the experiment of a new one; reads only, creates nothing.
 
     Args:
         client: The client of the store.
         run_id: The callback's `run_id=`.
         experiment_name: The callback's `experiment_name=`, for a new run.
-        run_name: The callback's `run_name=`, for a new run.
-        tags: The callback's `tags=`, set on the run (credentials hidden).
         restored_run_id: The run of the checkpoint the fit resumes from.
 
     Raises:
@@ -80,27 +96,55 @@ def open_run(
             the experiment was deleted.
     """
     existing, source = _existing_run_id(run_id, restored_run_id)
-    all_tags = run_tags(tags)
+    with bounded_http_retries():  # reads only: the run opens after the first batch
+        if existing is None:
+            run, experiment_id = None, _experiment_id(client, experiment_name, create=False)
+        else:
+            run = _found_run(client, existing, source)
+            experiment_id = str(run.info.experiment_id)
+        if experiment_id is None:  # still to be created: the name asked for
+            name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or ""
+        else:
+            name = client.get_experiment(experiment_id).name
+    params = {} if run is None else dict(run.data.params)
+    return FoundRun(client, run, source, experiment_id, name, params)
+
+
+def open_run(
+    found: FoundRun,
+    *,
+    experiment_name: str | None,
+    run_name: str | None,
+    tags: Mapping[str, Any] | None,
+) -> TrackedRun:
+    """Creates the run found missing, or reopens the run found when it had ended.
+
+    Args:
+        found: What the fit read at its start.
+        experiment_name: The callback's `experiment_name=`, for a new run.
+        run_name: The callback's `run_name=`, for a new run.
+        tags: The callback's `tags=`, set on the run (credentials hidden).
+    """
+    client, existing, all_tags = found.client, found.run, run_tags(tags)
     with bounded_http_retries():
         if existing is None:
             run, owned = _create_run(client, experiment_name, run_name, all_tags), True
         else:
-            run = _found_run(client, existing, source)
+            run = existing
             # A run still RUNNING whose id only the checkpoint knew belongs to a killed
             # process: the resumed fit takes it over and ends it.
-            owned = run.info.status != "RUNNING" or source == _FROM_CHECKPOINT
+            owned = run.info.status != "RUNNING" or found.source == _FROM_CHECKPOINT
             if owned:  # resumed: open it again, and end it as this fit ends
-                client.update_run(existing, status="RUNNING")
-            _set_tags(client, existing, all_tags)
-        name = client.get_experiment(run.info.experiment_id).name
+                client.update_run(run.info.run_id, status="RUNNING")
+            _set_tags(client, run.info.run_id, all_tags)
     return TrackedRun(
         client=client,
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
-        experiment_name=name,
-        params=dict(run.data.params),
+        experiment_name=found.experiment_name,
+        params=found.params,
         owned=owned,
-        status_found=run.info.status if existing is not None else "RUNNING",
+        found=existing,
     )
 
 
@@ -138,11 +182,21 @@ def _create_run(
     from mlflow.tracking.context.registry import resolve_tags
 
     resolved = resolve_tags(tags)  # adds user, source and git commit like start_run
-    experiment_id = _experiment_id(client, experiment_name)
+    experiment_id = _experiment_id(client, experiment_name, create=True)
     return client.create_run(experiment_id, run_name=run_name, tags=resolved)
 
 
-def _experiment_id(client: MlflowClient, experiment_name: str | None) -> str:
+@overload
+def _experiment_id(
+    client: MlflowClient, experiment_name: str | None, create: Literal[True]
+) -> str: ...
+@overload
+def _experiment_id(
+    client: MlflowClient, experiment_name: str | None, create: bool
+) -> str | None: ...
+def _experiment_id(client: MlflowClient, experiment_name: str | None, create: bool) -> str | None:
+    """The experiment of a new run; one that does not exist yet is None, or with `create`
+    created."""
     from mlflow.exceptions import MlflowException
 
     name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
@@ -150,6 +204,8 @@ def _experiment_id(client: MlflowClient, experiment_name: str | None) -> str:
         return os.environ.get("MLFLOW_EXPERIMENT_ID", "0")
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
+        if not create:
+            return None
         try:
             return str(client.create_experiment(name))
         except MlflowException as err:  # created meanwhile by a concurrent fit
@@ -182,44 +238,35 @@ def _set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> Non
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def log_params(writer: Writer, prepared: Mapping[str, str], resumed: bool) -> None:
+def log_params(writer: Writer, found: FoundRun, prepared: Mapping[str, str], resumed: bool) -> None:
     """Params the run lacks, in batches; a different value already logged is an error.
 
     Args:
-        writer: The fit's writer.
+        writer: The fit's writer (before the run opens, it keeps the writes for then).
+        found: The run as the fit found it; its params gain the ones logged.
         prepared: Params as `lkflow.tracking.params.prepare_params` makes them.
         resumed: The fit resumes from a checkpoint of this run: `epochs` may grow, and the
             new value goes to the tag `lkflow.resumed_epochs`.
 
     Raises:
-        LkflowError: The run holds another value of a param; a run this fit reopened is
-            left with the status it was found with.
+        LkflowError: The run holds another value of a param; no run was created or reopened.
     """
-    run = writer.run
-    params, logged = dict(prepared), run.params
+    params, logged = dict(prepared), found.params
     clashes = [k for k, v in params.items() if k in logged and not same_value(logged[k], v)]
     if "epochs" in clashes and resumed:  # a resumed fit may run longer than the one before
         clashes.remove("epochs")
         writer.send({"op": "batch", "tags": {RESUMED_EPOCHS_TAG: params.pop("epochs")}})
     if clashes:
         values = "; ".join(f"{k}: {logged[k]!r} logged, {params[k]!r} now" for k in clashes)
-        give_back(run)
         raise LkflowError(
-            f"MLflow run {run.run_id} already holds other values for {values}. MLflow "
+            f"MLflow run {found.run_id} already holds other values for {values}. MLflow "
             "never changes a logged param. Fit with the logged values (as `mlflow run -P` "
             "gave them), or log into a new run: no active run, MLFLOW_RUN_ID and run_id unset."
         )
     new = {k: v for k, v in params.items() if k not in logged}
     if new:
         writer.send({"op": "batch", "params": new})
-    run.params.update(params)
-
-
-def give_back(run: TrackedRun) -> None:
-    """Leaves a run this fit reopened as it was found, before the fit fails on a bad value."""
-    if run.owned and run.status_found != "RUNNING":
-        run.client.update_run(run.run_id, status=run.status_found)
-    run.owned = False
+    found.params.update(params)
 
 
 def log_error(writer: Writer, exception: BaseException) -> None:
@@ -234,9 +281,20 @@ def log_error(writer: Writer, exception: BaseException) -> None:
         writer.send({"op": "artifacts", "paths": [str(path)], "artifact_path": None})
 
 
-def end_run(writer: Writer, status: str) -> None:
+def clear_error(writer: Writer, run: TrackedRun) -> None:
+    """A run found with the `lkflow.error` of an earlier fit that failed: now that this fit
+    finished, the tag moves to `lkflow.previous_error` (traceback.txt stays, that error's)."""
+    if run.found is None:
+        return
+    error = run.found.data.tags.get(ERROR_TAG)
+    if error is not None:
+        writer.send({"op": "batch", "tags": {PREVIOUS_ERROR_TAG: error}})
+    # also where the error only waits in the outbox: deleting a tag that is not there passes
+    writer.send({"op": "delete_tag", "key": ERROR_TAG})
+
+
+def end_run(writer: Writer, run: TrackedRun, status: str) -> None:
     """Ends a run this fit opened with `status`, then prints its link; lets go of the outbox."""
-    run = writer.run
     try:
         if run.owned:
             writer.send({"op": "end", "status": status, "end_time": int(time.time() * 1000)})

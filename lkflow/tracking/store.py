@@ -2,6 +2,7 @@
 sqlite file that several processes can share, and how long to wait for a server.
 
     check_tracking_uri("sqlite:/mlflow.db")  # LkflowError: did you mean 'sqlite:///mlflow.db'?
+    check_sqlite_file("sqlite:///mlflow.db")  # LkflowError at once when mlflow.db is a folder
     check_reachable("http://127.0.0.1:5000")  # LkflowError at once when nothing answers
     client = tracking_client("sqlite:///mlflow.db")  # safe from several processes at once
     with bounded_http_retries():
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 CONNECT_TIMEOUT_S = 3.0
+_SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every sqlite database
 # lkflow's requests to a tracking server: retries, backoff factor (waits 0, 2, 4 s), timeout.
 HTTP_RETRIES = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
@@ -274,11 +276,58 @@ def tracking_client(uri: str) -> MlflowClient:
     from filelock import FileLock
     from mlflow import MlflowClient
 
+    check_sqlite_file(uri)
     path = sqlite_path(uri)
-    if path is None or not path.parent.is_dir():  # no folder: MLflow says what is wrong
+    if path is None:
         return MlflowClient(uri)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow makes it; the lock goes in it
+    except OSError as err:
+        raise LkflowError(
+            f"Received: tracking URI {hide_credentials(uri)!r}, whose folder {path.parent} "
+            f"cannot be created ({err.strerror}). Name a store in a folder you can write to: "
+            "tracking_uri=, --tracking-uri or MLFLOW_TRACKING_URI."
+        ) from err
     with FileLock(_lock_file(path)):
         return MlflowClient(uri)  # builds the tracking store: creates and migrates its tables
+
+
+def check_sqlite_file(uri: str) -> None:
+    """Fails at once when the file of a `sqlite:///` URI is a folder or not a sqlite database.
+
+    MLflow retries opening such a store for about 100 seconds, then speaks of something else
+    ("unable to open database file", "file is not a database"). A missing or empty file
+    passes: MLflow creates the database in it.
+
+    Args:
+        uri: A tracking URI; only `sqlite:///` files are checked.
+
+    Raises:
+        LkflowError: Naming the path, what it is, and the fix.
+
+    Example:
+        >>> check_sqlite_file("http://127.0.0.1:5000")  # not a sqlite file: nothing to check
+    """
+    path = sqlite_path(uri)
+    if path is None or not path.exists():
+        return
+    if path.is_dir():
+        found = "a folder"
+    else:
+        try:
+            with open(path, "rb") as file:
+                head = file.read(len(_SQLITE_HEADER))
+        except OSError as err:
+            found = f"a file that cannot be read ({err.strerror})"
+        else:
+            if head in (b"", _SQLITE_HEADER):
+                return
+            found = "a file that is not a sqlite database"
+    raise LkflowError(
+        f"Received: tracking URI {hide_credentials(uri)!r}, but {path} is {found}. Expected "
+        "a sqlite database file, or no file (MLflow creates it). Move it out of the way, or "
+        "name another store: tracking_uri=, --tracking-uri or MLFLOW_TRACKING_URI."
+    )
 
 
 def sqlite_path(uri: str) -> Path | None:

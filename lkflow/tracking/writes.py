@@ -1,6 +1,8 @@
 """One write into a run: a typed dict per kind, `deliver` to send it, and the `Writer` of a fit.
 
-    writer = Writer(run, Path("mlruns-outbox").resolve())  # run: a TrackedRun
+    writer = Writer(Path("mlruns-outbox").resolve())
+    writer.send({"op": "batch", "params": {"lr": "0.1"}})  # kept until the run opens
+    writer.open(run)  # a TrackedRun (lkflow/tracking/run.py): the write goes in now
     writer.send({"op": "batch", "metrics": [("loss", 0.4, time_ms, 0)], "to_model": False})
 
 A fit writes into its run only through its `Writer`: while the tracking server answers, each
@@ -107,7 +109,22 @@ class EndWrite(TypedDict):
     end_time: int
 
 
-Write = BatchWrite | InputsWrite | ArtifactsWrite | ModelWrite | RegisterWrite | EndWrite
+class DeleteTagWrite(TypedDict):
+    """A tag removed from the run, if the run has it."""
+
+    op: Literal["delete_tag"]
+    key: str
+
+
+Write = (
+    BatchWrite
+    | InputsWrite
+    | ArtifactsWrite
+    | ModelWrite
+    | RegisterWrite
+    | EndWrite
+    | DeleteTagWrite
+)
 
 
 class State(TypedDict):
@@ -148,8 +165,10 @@ def deliver(
         return log_model(client, run_id, write, state)
     elif write["op"] == "register":
         return register(client, run_id, write, state, maybe_sent)
-    else:
+    elif write["op"] == "end":
         _end(client, run_id, write)
+    else:
+        _delete_tag(client, run_id, write)
     return None
 
 
@@ -224,27 +243,48 @@ def _end(client: MlflowClient, run_id: str, write: EndWrite) -> None:
         client.set_terminated(run_id, status=write["status"], end_time=write["end_time"])
 
 
+def _delete_tag(client: MlflowClient, run_id: str, write: DeleteTagWrite) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_tag(run_id, write["key"])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # not there: nothing to remove
+            raise
+
+
 # ---- the writer of a fit -------------------------------------------------------------------
 
 
 class Writer:
     """Sends a fit's writes into its run: to MLflow while the server answers, else to the
     run's outbox, so that the outbox holds the write that failed and every later one in order.
+    Writes made before the run opens (params, tags, datasets: no files) wait for it.
 
     Args:
-        run: The run, as the fit opened it.
         outbox_root: The folder of the outboxes, `<outbox_dir>` resolved at fit start.
 
     Example:
-        >>> writer = Writer(run, Path("mlruns-outbox").resolve())  # doctest: +SKIP
-        >>> writer.send({"op": "end", "status": "FINISHED", "end_time": 0})  # doctest: +SKIP
+        >>> writer = Writer(Path("mlruns-outbox").resolve())  # doctest: +SKIP
+        >>> writer.send({"op": "batch", "params": {"lr": "0.1"}})  # doctest: +SKIP
+        >>> writer.open(run)  # the params go into the run now  # doctest: +SKIP
     """
 
-    def __init__(self, run: TrackedRun, outbox_root: Path) -> None:
-        self.run = run
+    def __init__(self, outbox_root: Path) -> None:
         self.outbox_root = outbox_root
+        self.run: TrackedRun | None = None  # set once the run is created or reopened
         self.outbox: Outbox | None = None  # set once the server stopped answering
+        self._pending: list[Write] = []  # writes made before the run opened
         self._sent: State = {"model_id": None}  # what deliver() left for later writes
+
+    def open(self, run: TrackedRun) -> None:
+        """Writes go into `run` from now on: first the run's kept outbox, if any, is taken
+        over, then the writes made before it opened are sent."""
+        self.run = run
+        self._continue_outbox(run)
+        pending, self._pending = self._pending, []
+        for write in pending:
+            self.send(write)
 
     @overload
     def send(self, write: ModelWrite) -> str | None: ...
@@ -256,59 +296,62 @@ class Writer:
         """One write into the run.
 
         Returns:
-            What `deliver` returns (the model id, the model version), or None once in the outbox.
+            What `deliver` returns (the model id, the model version), or None once in the outbox
+            or before the run opened.
         """
-        outbox = self.outbox
+        run, outbox = self.run, self.outbox
+        if run is None:  # before the first batch
+            self._pending.append(write)
+            return None
         if outbox is None:
             from mlflow.exceptions import MlflowException
 
             try:
                 with bounded_http_retries():
-                    return deliver(self.run.client, self.run.run_id, write, self._sent)
+                    return deliver(run.client, run.run_id, write, self._sent)
             except MlflowException as err:
                 if not is_unreachable(err):
                     raise
-                outbox = self._open_outbox(err)
+                outbox = self._open_outbox(run, err)
         if outbox.held:
             outbox.append(write)
         else:  # a write after the fit let go of the outbox (log_figures): taken for it
-            self.outbox = outbox = self._take_outbox()
+            self.outbox = outbox = self._take_outbox(run)
             try:
                 outbox.append(write)
             finally:
                 outbox.release()
         return None
 
-    def _take_outbox(self) -> Outbox:
+    def _take_outbox(self, run: TrackedRun) -> Outbox:
         """The run's outbox, owned by this fit until it lets go (waits while a sync delivers)."""
-        run = self.run
         return Outbox.open(self.outbox_root, run.run_id, run.experiment_id, run.client.tracking_uri)
 
-    def _open_outbox(self, err: BaseException) -> Outbox:
-        uri = self.run.client.tracking_uri
-        self.outbox = outbox = self._take_outbox()
+    def _open_outbox(self, run: TrackedRun, err: BaseException) -> Outbox:
+        uri = run.client.tracking_uri
+        self.outbox = outbox = self._take_outbox(run)
         reason = type(err.__cause__ or err.__context__).__name__
         warnings.warn(
             f"The MLflow tracking server at {hide_credentials(uri)} stopped answering "
-            f"({reason}). Training goes on; what run {self.run.run_id} logs from now on (metrics, "
+            f"({reason}). Training goes on; what run {run.run_id} logs from now on (metrics, "
             f"artifacts, the model and its registration, the run's end) is kept in "
             f"{outbox.folder}. Deliver it with `lkflow sync` once the server is back.",
             stacklevel=2,
         )
         return outbox
 
-    def continue_outbox(self) -> None:
+    def _continue_outbox(self, run: TrackedRun) -> None:
         """Writes of this run kept by an earlier fit wait in the outbox: this fit's go after
         them, so that `lkflow sync` delivers all of them in order."""
-        if not (self.outbox_root / self.run.run_id / "journal.jsonl").exists():
+        if not (self.outbox_root / run.run_id / "journal.jsonl").exists():
             return
-        outbox = self._take_outbox()
+        outbox = self._take_outbox(run)
         if not outbox.journal.exists():  # a sync delivered them while this fit waited
             outbox.remove()
             return
         self.outbox = outbox
         warnings.warn(
-            f"Run {self.run.run_id} has writes that an earlier fit kept in {outbox.folder}. "
+            f"Run {run.run_id} has writes that an earlier fit kept in {outbox.folder}. "
             "This fit's writes join them there, in order; deliver them all with `lkflow sync`.",
             stacklevel=2,
         )

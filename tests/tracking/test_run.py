@@ -13,17 +13,22 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import fit, plain_fit
+from click.testing import CliRunner
+from helpers import Net, fit, make_loaders, plain_fit
 from helpers import make_model as make_plain_model
 from helpers import make_scheduled_model as make_model
 from mlflow import MlflowClient
-from mlflow.entities import Param
-from torch.utils.data import DataLoader, Dataset
+from mlflow.entities import Param, ViewType
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lkflow.cli import main
 from lkflow.datasets import rings
 from lkflow.errors import LkflowError
 from lkflow.model import LightModel
 from lkflow.tracking import MLflowCallback
+from lkflow.tracking.outbox import Outbox
 
 
 def test_the_tracking_uri_variable_survives_a_fit(tracking_uri: str) -> None:
@@ -198,7 +203,8 @@ def test_a_failed_fit_leaves_its_error_and_traceback_on_the_run(
     assert "raise self.error" in lines[-2] and lines[-1] == str(run.data.tags["lkflow.error"])
 
 
-def make_loaders(train_rows: Dataset | None = None) -> tuple[DataLoader, DataLoader]:
+def loaders_of(train_rows: Dataset | None = None) -> tuple[DataLoader, DataLoader]:
+    """The rings: 192 training rows (shuffled), 128 validation rows; `train_rows` replace the first."""
     train = train_rows if train_rows is not None else rings(192, seed=1)
     return DataLoader(train, batch_size=64, shuffle=True), DataLoader(rings(128, seed=2), 64)
 
@@ -265,7 +271,7 @@ def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
     model = make_plain_model(model_class=_FailsInEpochOne)
     model.where, model.error = where, error
     callbacks = [_FailsAtEpochEnd(error)] if where == "epoch_end" else []
-    loaders = make_loaders(_UnreadableRow(error) if where == "data_loading" else None)
+    loaders = loaders_of(_UnreadableRow(error) if where == "data_loading" else None)
     with pytest.raises(type(error)) as raised:
         model.fit(*loaders, epochs=3, gpus=0, verbose=0, callbacks=callbacks)
     assert raised.value is error  # the very object, unwrapped
@@ -280,3 +286,119 @@ def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     best = Path(model.trainer.checkpoint_callback.best_model_path).name
     assert logged == {best, "last.ckpt"} and best.startswith("epoch=0-")
+
+
+def test_a_resumed_fit_that_finishes_moves_the_error_tag_aside(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError):
+        plain_fit(MLflowCallback(log_model=False), tmp_path, 3, callbacks=(_Boom(),))
+    client = MlflowClient(tracking_uri)
+    (failed,) = client.search_runs(["0"])
+    assert failed.data.tags["lkflow.error"] == "RuntimeError: boom"
+    tracker = MLflowCallback(log_model=False)
+    plain_fit(tracker, tmp_path, 3, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    run = client.get_run(failed.info.run_id)
+    assert run.info.status == "FINISHED" and tracker.run_id_ == failed.info.run_id
+    assert "lkflow.error" not in run.data.tags
+    assert run.data.tags["lkflow.previous_error"] == "RuntimeError: boom"
+    assert "traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_resumed_fit_into_the_outbox_drops_the_error_tag_at_sync(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    error = RuntimeError("failed at the end of epoch 1")
+    with pytest.raises(RuntimeError):
+        make_plain_model().fit(
+            *loaders_of(), epochs=3, gpus=0, verbose=0, callbacks=[_FailsAtEpochEnd(error)]
+        )
+    client = MlflowClient(tracking_uri)
+    run_id = only_run(client).info.run_id
+    # writes of the run kept earlier: the resumed fit's writes join them in the outbox
+    Outbox.open(tmp_path / "mlruns-outbox", run_id, "0", tracking_uri).append(
+        {"op": "batch", "tags": {"kept": "yes"}}
+    )
+    with pytest.warns(UserWarning, match="writes that an earlier fit kept"):
+        make_plain_model().fit(*loaders_of(), epochs=3, gpus=0, verbose=0, ckpt_path="last")
+    assert client.get_run(run_id).data.tags["lkflow.error"] == f"RuntimeError: {error}"
+    synced = CliRunner().invoke(main, ["sync"])
+    assert synced.exit_code == 0, synced.output
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "lkflow.error" not in run.data.tags
+    assert run.data.tags["lkflow.previous_error"] == f"RuntimeError: {error}"
+
+
+# ---- mistakes found before a run exists -------------------------------------------------
+
+
+def all_runs(uri: str) -> list:
+    """Every run of the store, in every experiment, deleted ones too."""
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(ids, run_view_type=ViewType.ALL)
+
+
+def test_a_monitor_never_logged_fails_before_a_run_exists(tracking_uri: str) -> None:
+    checkpoint = ModelCheckpoint(monitor="val_accuracy")
+    with pytest.raises(LkflowError, match=r"monitor='val_accuracy'.*Logged keys: loss, acc"):
+        fit(make_model(), callbacks=[checkpoint], experiment_name="mistakes")
+    assert all_runs(tracking_uri) == []
+
+
+def test_val_loss_without_validation_data_fails_in_the_argument_checks(
+    tracking_uri: str,
+) -> None:
+    model = make_model()
+    with pytest.raises(LkflowError, match=r"monitor='val_loss' and no val_data.*monitor='loss'"):
+        model.fit(make_loaders()[0], epochs=1, gpus=0, verbose=0, monitor="val_loss")
+    assert all_runs(tracking_uri) == []
+
+
+def _with_long_labels(data: TensorDataset) -> DataLoader:
+    x, y = data.tensors
+    return DataLoader(TensorDataset(x, y.long()), batch_size=64)
+
+
+@pytest.mark.parametrize("validated", [False, True])
+def test_long_labels_for_bce_name_the_loss_and_the_fix_before_a_run_exists(
+    tracking_uri: str, validated: bool
+) -> None:
+    net = nn.Sequential(Net(), nn.Sigmoid())
+    model = LightModel(net, loss_fn=nn.BCELoss())
+    loaders = [_with_long_labels(rings(128, seed=1))]
+    if validated:  # the sanity check finds them first
+        loaders.append(_with_long_labels(rings(64, seed=2)))
+    with pytest.raises(LkflowError) as raised:
+        model.fit(*loaders, epochs=1, gpus=0, verbose=0)
+    message = str(raised.value)
+    assert "labels of dtype torch.int64 for BCELoss" in message
+    assert "Expected float labels" in message and "y.float()" in message
+    assert isinstance(raised.value.__cause__, RuntimeError)  # torch's own error kept
+    assert all_runs(tracking_uri) == []
+
+
+def test_training_data_of_the_wrong_shape_names_the_layer_before_a_run_exists(
+    tracking_uri: str,
+) -> None:
+    x, y = rings(128, seed=1).tensors
+    wide = DataLoader(TensorDataset(torch.cat([x, x[:, :1]], dim=1), y), batch_size=64)
+    valid = make_loaders()[1]  # of the right shape: the sanity check passes
+    with pytest.raises(LkflowError, match=r"layer 'fc1' \(Linear\).*\(64, 3\).*in_features=2"):
+        make_model().fit(wide, valid, epochs=1, gpus=0, verbose=0)
+    assert all_runs(tracking_uri) == []
+
+
+def test_a_mistake_in_the_first_step_leaves_a_given_run_as_it_was(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run("0").info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    before = client.get_run(run_id)
+    with pytest.raises(LkflowError, match="never logged"):
+        plain_fit(MLflowCallback(run_id=run_id), tmp_path, monitor="val_accuracy")
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.tags == before.data.tags and after.data.params == {}
+    assert [run.info.run_id for run in all_runs(tracking_uri)] == [run_id]

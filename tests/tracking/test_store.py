@@ -7,14 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from helpers import make_loaders, make_model
 from servers import free_port
 
+from lkflow.cli import main
 from lkflow.errors import LkflowError
-from lkflow.tracking.store import check_tracking_uri
+from lkflow.tracking.store import check_sqlite_file, check_tracking_uri, tracking_client
 
 
 @pytest.mark.parametrize(
@@ -118,3 +121,60 @@ def test_the_sqlite_migration_lock_is_one_file_beside_each_store(
     assert list(temporary.iterdir()) == []
     locks = sorted(p.relative_to(work).as_posix() for p in work.rglob("*.lock"))
     assert locks == ["a.db.lock", "b/b.db.lock"]
+
+
+def _not_a_database(path: Path, kind: str) -> None:
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_text("run,loss\n1,0.5\n")
+
+
+@pytest.mark.parametrize("kind", ["folder", "text file"])
+def test_a_mlflow_db_that_is_not_a_sqlite_database_fails_the_fit_at_once(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "mlflow.db"  # the default store, sqlite:///mlflow.db
+    _not_a_database(path, kind)
+    model = make_model()
+    started = time.monotonic()
+    with pytest.raises(LkflowError) as raised:
+        model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0)
+    assert time.monotonic() - started < 30  # not MLflow's 100 seconds of retries
+    message = str(raised.value)
+    found = "a folder" if kind == "folder" else "a file that is not a sqlite database"
+    assert f"but {path} is {found}" in message
+    assert "Move it out of the way" in message and "MLFLOW_TRACKING_URI" in message
+    assert model.history == [] and not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("kind", ["folder", "text file"])
+def test_lkflow_runs_on_a_mlflow_db_that_is_not_a_sqlite_database_is_one_line(
+    tmp_path: Path, kind: str
+) -> None:
+    _not_a_database(tmp_path / "mlflow.db", kind)
+    result = CliRunner().invoke(main, ["runs"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("Error: Received: tracking URI 'sqlite:///")
+    assert f"{tmp_path / 'mlflow.db'} is a " in line and "Move it out of the way" in line
+
+
+def test_an_empty_or_real_sqlite_file_passes_the_store_check(
+    tmp_path: Path, migrated_store: Path
+) -> None:
+    (tmp_path / "empty.db").touch()  # MLflow makes its tables in it
+    check_sqlite_file(f"sqlite:///{tmp_path / 'empty.db'}")
+    check_sqlite_file(f"sqlite:///{migrated_store}")
+    check_sqlite_file(f"sqlite:///{tmp_path / 'missing.db'}")
+
+
+def test_a_store_is_opened_in_a_new_folder_or_names_the_folder_it_cannot_make(
+    tmp_path: Path,
+) -> None:
+    client = tracking_client(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LkflowError, match=r"whose folder .*file/sub cannot be created"):
+        tracking_client(f"sqlite:///{tmp_path / 'file' / 'sub' / 'mlflow.db'}")

@@ -56,8 +56,9 @@ def test_a_server_that_does_not_answer_sends_this_write_and_the_later_ones_to_th
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, not in 6 s
     uri = f"http://127.0.0.1:{free_port()}"
-    run = TrackedRun(MlflowClient(uri), "0123abcd", "0", "Default", {}, True, "RUNNING")
-    writer = Writer(run, tmp_path / "mlruns-outbox")
+    run = TrackedRun(MlflowClient(uri), "0123abcd", "0", "Default", {}, True, None)
+    writer = Writer(tmp_path / "mlruns-outbox")
+    writer.open(run)
     with pytest.warns(UserWarning, match="stopped answering") as warned:
         writer.send({"op": "batch", "tags": {"first": "1"}})
         writer.send({"op": "end", "status": "FINISHED", "end_time": 5})
@@ -67,3 +68,26 @@ def test_a_server_that_does_not_answer_sends_this_write_and_the_later_ones_to_th
     assert [json.loads(line)["op"] for line in journal.splitlines()] == ["batch", "end"]
     writer.release()
     assert not writer.outbox.held
+
+
+def test_deleting_a_tag_through_deliver_passes_when_it_is_gone(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run("0").info.run_id
+    client.set_tag(run_id, "lkflow.error", "RuntimeError: boom")
+    entry = {"op": "delete_tag", "key": "lkflow.error"}
+    deliver(client, run_id, entry, {"model_id": None})
+    assert "lkflow.error" not in client.get_run(run_id).data.tags
+    deliver(client, run_id, entry, {"model_id": None}, maybe_sent=True)  # already deleted
+
+
+def test_writes_before_the_run_opens_wait_for_it_in_order(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    run_id = _new_run(client)
+    writer = Writer(Path("mlruns-outbox").resolve())
+    writer.send({"op": "batch", "params": {"lr": "0.1"}})
+    writer.send({"op": "batch", "tags": {"stage": "before the run opened"}})
+    assert client.get_run(run_id).data.params == {}  # nothing sent yet
+    writer.open(TrackedRun(client, run_id, "0", "Default", {}, True, None))
+    run = client.get_run(run_id)
+    assert run.data.params == {"lr": "0.1"} and run.data.tags["stage"] == "before the run opened"
+    assert writer.outbox is None
