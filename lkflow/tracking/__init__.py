@@ -3,8 +3,9 @@
     from lkflow.tracking import MLflowCallback
 
     callback.py   the Lightning hooks of MLflowCallback
-    run.py        the run's lifecycle: open, reopen, take over a killed run, end; its error
+    run.py        the run's lifecycle: find, open, reopen, take over a killed run, end; its error
     writes.py     one typed write into a run, `deliver`, and the fit's `Writer`
+    metrics.py    the history's rows as metric points at step=epoch, and the best epoch's
     outbox.py     the writes kept on disk while the server is away, and `sync_run`
     artifacts.py  the files a fit leaves: history, curves, summary, datasets, checkpoints
     export.py     the servable model: torch.export, else a pickle with the net's code
