@@ -312,9 +312,44 @@ def _export(net: nn.Module, named: dict[str, torch.Tensor], keywords: bool) -> A
     for tensor in rows.values():  # by tensor, whatever the forward's parameters (*args too)
         dims[tensor] = {0: batch}
     training = net.training
-    net.eval()
+    net.eval()  # as it is served; BatchNorm's statistics stay as they are
     try:
+        _check_call(net, args, kwargs)
         shapes = dims.dynamic_shapes(net, args, kwargs)  # type: ignore[no-untyped-call]
+        return _traced(net, args, kwargs, shapes)
+    finally:
+        net.train(training)
+
+
+def _check_call(net: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The net runs on the example, or a LkflowError says why (a wrong name, a target left in)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            net(*args, **kwargs)
+    except Exception as err:  # the net's own error, whatever its kind, is the reason
+        got = list(kwargs) if kwargs else f"{len(args)} positional tensors"
+        raise LkflowError(
+            f"Received: an example ({got}) that {type(net).__name__} fails on "
+            f"({type(err).__name__}: {str(err).strip()[:300]}). Expected what its forward "
+            f"takes{_forward_parameters(net)}. Fix: pass a batch's inputs without its target, "
+            "a dict by the forward's parameter names."
+        ) from err
+
+
+def _forward_parameters(net: nn.Module) -> str:
+    """ ", (x_num, x_cat)": the forward's parameters for a message, or nothing if unreadable."""
+    try:
+        return f", ({', '.join(inspect.signature(net.forward).parameters)})"
+    except (TypeError, ValueError):
+        return ""
+
+
+def _traced(net: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], shapes: Any) -> Any:
+    import torch
+
+    try:
         return torch.export.export(net, args, kwargs, dynamic_shapes=shapes)
     except Exception as err:  # torch.export raises many kinds; each is this net's
         lines = [line for line in str(err).strip().splitlines() if line.strip()][:4]
@@ -325,8 +360,6 @@ def _export(net: nn.Module, named: dict[str, torch.Tensor], keywords: bool) -> A
             "rows. Fix: branch with torch.where/torch.cond instead of Python `if` on tensor "
             "values or on the batch size, and keep every input's first dimension the batch."
         ) from err
-    finally:
-        net.train(training)
 
 
 def _call_program(program: Any, named: dict[str, torch.Tensor], keywords: bool) -> Any:

@@ -326,6 +326,30 @@ def test_net_that_cannot_export_with_a_batch_dimension_is_refused(tmp_path: Path
     assert not (tmp_path / "model").exists()
 
 
+def test_example_the_net_fails_on_is_refused_with_its_reason(tmp_path: Path) -> None:
+    example = {**token_rows(2, seed=1), "labels": torch.zeros(2, dtype=torch.long)}
+    with pytest.raises(
+        LkflowError,
+        match=r"\['input_ids', 'attention_mask', 'labels'\]\) that Tokens fails on \(TypeError: .*'labels'",
+    ) as caught:
+        save_structured_model(Tokens(), example, tmp_path / "model", pip_requirements=REQUIREMENTS)
+    assert "forward takes, (input_ids, attention_mask)." in str(caught.value)
+    assert not (tmp_path / "model").exists()
+
+
+def test_bfloat16_net_is_served_in_float32_and_called_in_bfloat16(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2).to(torch.bfloat16).eval()
+    example = (torch.randn(4, 3).to(torch.bfloat16),)
+    save_structured_model(net, example, tmp_path / "model", pip_requirements=REQUIREMENTS)
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    assert [str(s.type) for s in model.metadata.signature.inputs.inputs] == ["float32"]
+    x = torch.randn(5, 3)
+    predicted = model.predict({"input": x.numpy()})
+    assert predicted.dtype == np.float32
+    np.testing.assert_allclose(predicted, net(x.to(torch.bfloat16)).detach().float().numpy())
+
+
 def test_net_that_returns_nested_outputs_is_refused(tmp_path: Path) -> None:
     class Nested(nn.Module):
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> Any:
