@@ -35,9 +35,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import TorchCheckpointIO
 from typing_extensions import override
 
+from lkflow.credentials import MASK, mask_secrets
 from lkflow.errors import LkflowError
 from lkflow.internals import last_global_step_saved, record_save
-from lkflow.params import MASK, flatten, mask_secrets
+from lkflow.tracking.params import flatten
 
 _PARTIAL = ".partial"  # the suffix of a checkpoint file being written
 LAST = "last.ckpt"  # the checkpoint written after every epoch, which ckpt_path="last" means

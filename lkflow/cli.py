@@ -23,12 +23,12 @@ from urllib.parse import urlparse
 
 import click
 
-from lkflow import registry
-from lkflow import runs as listing
+from lkflow import run_table as listing
 from lkflow.errors import LkflowError
 from lkflow.numbers import parse_float, parse_int
-from lkflow.outbox import DEFAULT_DIR
-from lkflow.store import check_reachable, check_sqlite_file
+from lkflow.tracking import registry
+from lkflow.tracking.outbox import DEFAULT_DIR
+from lkflow.tracking.store import check_reachable, check_sqlite_file
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -185,7 +185,7 @@ def _client(tracking_uri: str | None) -> MlflowClient:
 
 
 def _uri(client: MlflowClient) -> str:
-    from lkflow.params import hide_credentials
+    from lkflow.credentials import hide_credentials
 
     return hide_credentials(client.tracking_uri)
 
@@ -351,7 +351,7 @@ def sync(tracking_uri: str | None, outbox: Path, wait: bool) -> None:
     still running, or that another sync delivers, is left as it is and named; the exit
     status is then 1, after the other runs are delivered.
     """
-    from lkflow.outbox import OutboxBusy, run_folders, sync_run
+    from lkflow.tracking.outbox import OutboxBusy, run_folders, sync_run
 
     folders = run_folders(outbox)
     if not folders:

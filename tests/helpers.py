@@ -1,5 +1,5 @@
 """What tests build: the article's tiny net, the rings in loaders, Keras-style models, a store,
-and fits in processes of their own.
+tracked fits of them, and fits in processes of their own.
 
 Fits in separate processes run `fit_worker.py` (`FIT_WORKER`, written by the `worker` fixture of
 conftest.py); every check of what a run holds goes through `MlflowClient`.
@@ -15,10 +15,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import pytorch_lightning as pl
 import torch
 import torchmetrics
 from torch import nn
@@ -139,6 +141,56 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(metric.step for metric in client.get_metric_history(run_id, key))
 
 
+# ---- tracked fits ------------------------------------------------------------------------
+
+
+def make_scheduled_model(
+    net: nn.Module | None = None, model_class: type[LightModel] = LightModel
+) -> LightModel:
+    """`make_model` with a StepLR, so that the scheduler's params are logged too."""
+    return make_model(net, model_class, scheduled=True)
+
+
+def fit(model: LightModel, epochs: int = 2, **kwargs: Any) -> LightModel:
+    """`model.fit` on `make_loaders()` on the CPU, quiet, with `kwargs` (tracking's too)."""
+    model.fit(*make_loaders(), epochs=epochs, gpus=0, verbose=0, **kwargs)
+    return model
+
+
+def plain_fit(
+    tracker: pl.Callback,
+    folder: Path,
+    epochs: int = 2,
+    callbacks: tuple[pl.Callback, ...] = (),
+    ckpt_path: str | None = None,
+    monitor: str | None = "val_loss",
+) -> LightModel:
+    """A fit with a plain `pl.Trainer`, its checkpoints (best `monitor`, last) in `folder`."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(folder / "checkpoints", monitor=monitor, save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[tracker, checkpoint, *callbacks],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = make_scheduled_model()
+    trainer.fit(model, *make_loaders(), ckpt_path=ckpt_path)
+    return model
+
+
+@dataclass
+class Tracked:
+    """One tracked fit: its model, a client of its store, its run, the store's URI."""
+
+    model: LightModel
+    client: MlflowClient
+    run_id: str
+    uri: str
+
+
 # ---- fits in processes of their own -------------------------------------------------------
 
 FIT_WORKER = '''
@@ -151,6 +203,7 @@ writes the file `marker` and sleeps `stall_s`. Prints the run id and history as 
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl

@@ -41,7 +41,7 @@ from torch import nn
 
 from lkflow import LightModel, LkflowError, MLflowCallback
 from lkflow.cli import main
-from lkflow.params import MASK
+from lkflow.credentials import MASK
 
 
 class CountingIO(TorchCheckpointIO):

@@ -14,18 +14,14 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner, Result
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from servers import BIN, Server, free_port
 
 from lkflow import LkflowError
 from lkflow.cli import main
-from lkflow.registry import best_version
-from lkflow.runs import sort_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RINGS = f"{ROOT}/examples/rings.py:task"
@@ -109,13 +105,6 @@ def test_runs_as_csv_sorted_by_best_or_by_a_param(store: str) -> None:
     assert float(best_first[0]["duration"]) > 0 and best_first[0]["epochs"] == "2"
 
 
-def test_sorting_reads_numeric_params_as_numbers_and_flips_with_a_minus() -> None:
-    table = pd.DataFrame({"run": ["a", "b", "c"], "epochs": ["10", "2", None]})
-    assert list(sort_runs(table, "epochs")["run"]) == ["b", "a", "c"]
-    assert list(sort_runs(table, "-epochs")["run"]) == ["a", "b", "c"]
-    assert list(sort_runs(table, "-run")["run"]) == ["c", "b", "a"]
-
-
 def test_compare_writes_the_figure_and_marks_differing_params(store: str, tmp_path: Path) -> None:
     out = tmp_path / "figures" / "cmp.png"
     result = _invoke(
@@ -197,27 +186,6 @@ def test_debug_shows_the_traceback(store: str) -> None:
 
 
 # ---- serve --------------------------------------------------------------------------------
-
-
-def _version(number: int, **tags: str) -> ModelVersion:
-    version_tags = [ModelVersionTag(key, value) for key, value in tags.items()]
-    return ModelVersion("net", number, creation_timestamp=number, tags=version_tags)
-
-
-def test_best_version_follows_the_metric_mode() -> None:
-    losses = [_version(1, monitor="val_loss", monitor_value="0.3"), _version(2)]
-    losses.append(_version(3, monitor="val_loss", monitor_value="0.2"))
-    assert best_version(losses)[0].version == 3
-    accs = [_version(n, monitor="val_acc", monitor_value=v) for n, v in ((1, ".9"), (2, ".8"))]
-    assert best_version(accs)[0].version == 1
-    recorded = [
-        _version(n, monitor="score", monitor_value=v, mode="max") for n, v in ((1, "1"), (2, "2"))
-    ]
-    assert best_version(recorded)[0].version == 2
-    assert best_version([_version(1), _version(2)]) == (
-        _version(2),
-        "the newest version: no recorded metric",
-    )
 
 
 @pytest.mark.slow

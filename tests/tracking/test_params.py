@@ -1,23 +1,24 @@
-"""lkflow.params: flattening, masking, truncation and key cleaning, checked against MLflow's rules."""
+"""lkflow.tracking.params: what a fit logs as params; flattening, masking, truncation and key
+cleaning, checked against MLflow's rules."""
 
 from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
+from helpers import Tracked
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow.utils import validation
 
-from lkflow.params import (
-    MASK,
+from lkflow.credentials import MASK
+from lkflow.tracking.params import (
     MAX_KEY_LENGTH,
     MAX_VALUE_LENGTH,
     flatten,
-    hide_credentials,
-    is_secret_key,
     prepare_params,
     same_value,
     sanitize_key,
@@ -25,6 +26,34 @@ from lkflow.params import (
     stringify,
     truncate,
 )
+
+
+def test_params(tracked: Tracked) -> None:
+    params = tracked.client.get_run(tracked.run_id).data.params
+    assert (
+        params
+        | {
+            "epochs": "3",
+            "batch_size": "64",
+            "train_size": "320",
+            "val_size": "250",
+            "net": "Net",
+            "net.params": "115",
+            "precision": "32-true",
+            "devices": "1",
+            "accelerator": "cpu",
+            "strategy": "single_device",
+            "seed": "0",
+            "optimizer": "SGD",
+            "optimizer.lr": "0.05",
+            "optimizer.momentum": "0.9",
+            "lr_scheduler": "StepLR",
+            "lr_scheduler.step_size": "2",
+            "lr_scheduler.gamma": "0.5",
+            "lr_scheduler.interval": "epoch",
+        }
+        == params
+    )
 
 
 def test_limits_are_mlflows() -> None:
@@ -43,35 +72,6 @@ def test_flatten_nests_with_dots_and_keeps_other_values() -> None:
     assert flatten({"lr": 1}, prefix="model") == {"model.lr": 1}
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "token",
-        "hf_token",
-        "db.password",
-        "PASSWORD",
-        "client_secret",
-        "api_key",
-        "apiKey",
-        "aws.secretKey",
-        "wandb-api-key",
-        "AUTH_TOKEN",
-        "privatekey",
-        "user.passwd",
-    ],
-)
-def test_secret_keys(key: str) -> None:
-    assert is_secret_key(key)
-
-
-@pytest.mark.parametrize(
-    "key",
-    ["monkey", "keyboard", "hotkeys", "tokenizer", "max_tokens", "secretary", "lr", "donkey.kong"],
-)
-def test_keys_that_only_contain_a_secret_word(key: str) -> None:
-    assert not is_secret_key(key)
-
-
 def test_masking_hides_text_secrets_and_keeps_numbers() -> None:
     params = {"hf_token": "hf_abc", "db": {"password": "hunter2"}, "token_dim": 64, "monkey": "x"}
     assert prepare_params(params) == {
@@ -80,21 +80,6 @@ def test_masking_hides_text_secrets_and_keeps_numbers() -> None:
         "token_dim": "64",
         "monkey": "x",
     }
-
-
-@pytest.mark.parametrize(
-    ("text", "shown"),
-    [
-        ("https://alice:s3cret@host:5000/path", "https://***@host:5000/path"),
-        ("http://token@host", "http://***@host"),
-        ("postgresql+psycopg2://u:p@db/mlflow", "postgresql+psycopg2://***@db/mlflow"),
-        ("see s3://k:s@bucket and https://x:y@h", "see s3://***@bucket and https://***@h"),
-        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
-        ("alice@example.com", "alice@example.com"),
-    ],
-)
-def test_hide_credentials(text: str, shown: str) -> None:
-    assert hide_credentials(text) == shown
 
 
 def test_uri_credentials_are_hidden_in_any_param() -> None:
@@ -175,3 +160,30 @@ def test_prepared_params_are_valid_for_mlflow(params: dict) -> None:
     for key, value in prepared.items():
         validation._validate_param(key, value)
         assert isinstance(value, str)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        level = nested
+        for parent in parents:
+            level = level.setdefault(parent, {})
+        level[leaf] = value
+    return nested
+
+
+_NESTED = st.recursive(
+    st.one_of(st.integers(), st.text(max_size=5), st.none(), st.just({})),
+    lambda children: st.dictionaries(
+        st.text(alphabet="abcxyz_-", min_size=1, max_size=4), children, min_size=1, max_size=4
+    ),
+    max_leaves=15,
+).filter(lambda value: isinstance(value, dict))
+
+
+@given(_NESTED)
+def test_flattening_keeps_every_leaf_under_its_dotted_path(params: dict[str, Any]) -> None:
+    flat = flatten(params)
+    assert all(not isinstance(v, dict) or v == {} for v in flat.values())
+    assert _unflatten(flat) == params

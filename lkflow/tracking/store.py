@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
-from lkflow.params import hide_credentials
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -162,10 +162,11 @@ def env_defaults(values: Mapping[str, str], *, override: bool = False) -> Iterat
         yield
     finally:
         for name in taken:
-            if before[name] is None:
+            value = before[name]
+            if value is None:
                 os.environ.pop(name, None)
             else:
-                os.environ[name] = before[name]
+                os.environ[name] = value
 
 
 _TRACKING_URI_FORMS = (
@@ -212,7 +213,8 @@ def check_tracking_uri(uri: str) -> None:
     elif scheme in ("", "file") or len(scheme) == 1:  # a path (C: on Windows): a file store
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 
-        valid = bool(MLFLOW_ALLOW_FILE_STORE.get()) and not uri.endswith(".db")
+        allowed = MLFLOW_ALLOW_FILE_STORE.get()  # type: ignore[no-untyped-call]  # unannotated
+        valid = bool(allowed) and not uri.endswith(".db")
     else:
         valid = scheme in _SCHEMES or scheme in _plugin_schemes()
     if valid:

@@ -11,8 +11,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
-from lkflow.params import hide_credentials
+from lkflow.tracking.registry import BEST_EPOCH_METRIC, BEST_PREFIX, mode
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,8 +29,6 @@ _KEY_PARAMS = {
     "optimizer.lr": "lr",
     "seed": "seed",
 }
-# Words of metric names that are better higher (as Keras' mode="auto" reads them).
-_HIGHER_IS_BETTER = ("acc", "auc", "f1", "precision", "recall", "iou", "dice", "r2", "map")
 
 
 def experiment(client: MlflowClient, name: str) -> Any:
@@ -75,17 +74,9 @@ def runs_frame(found: Sequence[Run], experiment_names: dict[str, str]) -> pd.Dat
 def best_metric(metrics: dict[str, float]) -> tuple[str | None, float | None]:
     """The `best_<monitor>` metric that MLflowCallback logs, as (monitor, value)."""
     for key, value in metrics.items():
-        if key.startswith("best_") and key != "best_epoch":
-            return key.removeprefix("best_"), value
+        if key.startswith(BEST_PREFIX) and key != BEST_EPOCH_METRIC:
+            return key.removeprefix(BEST_PREFIX), value
     return None, None
-
-
-def mode(monitor: str, recorded: str | None = None) -> str:
-    """The mode of `monitor`: the recorded one, else "max" for accuracy-like names, else "min"."""
-    if recorded in ("min", "max"):
-        return recorded
-    words = re.split(r"[^a-z0-9]+", monitor.lower())
-    return "max" if any(word in _HIGHER_IS_BETTER for word in words) else "min"
 
 
 def sort_runs(table: pd.DataFrame, sort: str) -> pd.DataFrame:

@@ -3,10 +3,10 @@
     lkflow sync                                    # every run kept in ./mlruns-outbox
     lkflow sync --tracking-uri http://mlflow.internal:5000
 
-MLflowCallback sends each write of a fit through `deliver`. Once one fails because the server
-does not answer (`lkflow.store.is_unreachable`), that write and every later write of the run
-are appended, in order, to `mlruns-outbox/<run_id>/` in the folder the fit ran in (the
-callback's `outbox_dir` moves it), and training goes on:
+A fit sends each write through its `Writer` (lkflow/tracking/writes.py). Once one fails
+because the server does not answer (`lkflow.tracking.store.is_unreachable`), that write and
+every later write of the run are appended, in order, to `mlruns-outbox/<run_id>/` in the
+folder the fit ran in (the callback's `outbox_dir` moves it), and training goes on:
 
     run.json        {"run_id", "experiment_id", "tracking_uri" (credentials hidden),
                      "has_credentials"}
@@ -18,7 +18,8 @@ callback's `outbox_dir` moves it), and training goes on:
     .lock           the outbox's lock: it has one owner at a time
     owner.json      who took the lock last: {"pid", "by": "fit" or "sync"}
 
-Each line of the journal is a JSON object with an "op"; paths are relative to the run's folder:
+Each line of the journal is a JSON object with an "op", one of the writes that
+lkflow/tracking/writes.py types; paths are relative to the run's folder:
 
     {"op": "batch", "params": {}, "tags": {}, "metrics": [[key, value, time_ms, step]],
      "to_model": false}                  log_batch; to_model links the metrics to the model
@@ -53,215 +54,21 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
-from lkflow.internals import global_tracking_uri
-from lkflow.params import hide_credentials
-from lkflow.store import HTTP_RETRIES, check_reachable, env_defaults, is_unreachable
+from lkflow.tracking.store import HTTP_RETRIES, check_reachable, env_defaults, is_unreachable
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities.model_registry import ModelVersion
 
-Entry = dict[str, Any]  # one write: a journal line
-State = dict[str, Any]  # what earlier writes of the run left: "model_id", "registered"
+    from lkflow.tracking.writes import State, Write
 
 DEFAULT_DIR = "mlruns-outbox"
 _LOCK = ".lock"  # the outbox's lock file, in the run's folder
-_PARAMS_PER_CALL = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
-_METRICS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
-
-
-# ---- delivering one write ------------------------------------------------------------------
-
-
-def deliver(
-    client: MlflowClient,
-    run_id: str,
-    entry: Entry,
-    state: State,
-    maybe_sent: bool = False,
-) -> Any:
-    """Sends one write of a fit (a journal line, as the module docstring lists them) to MLflow.
-
-    Args:
-        client: The client of the run's store.
-        run_id: The run written to.
-        entry: The write. A "model" entry gets the id of the LoggedModel it creates.
-        state: What the run's earlier writes left: "model_id" (set by a "model" entry, read
-            by "register" and by metrics linked to the model) and "registered".
-        maybe_sent: The write may have reached MLflow before: metric points the run holds
-            are not sent again, an existing version of the model is kept. Defaults to False.
-
-    Returns:
-        The model id for "model", the ModelVersion for "register", else None.
-    """
-    senders = {
-        "batch": _batch,
-        "inputs": _inputs,
-        "artifacts": _artifacts,
-        "model": _model,
-        "register": _register,
-        "end": _end,
-        "delete_tag": _delete_tag,
-    }
-    return senders[entry["op"]](client, run_id, entry, state, maybe_sent)
-
-
-def _batch(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool) -> None:
-    from mlflow.entities import Metric, Param, RunTag
-
-    model_id = state["model_id"] if entry.get("to_model") else None
-    points = entry.get("metrics", [])
-    if maybe_sent and model_id is None:  # linked points repeat logged ones: MLflow keeps one
-        points = _not_logged(client, run_id, points)
-    params = [Param(key, value) for key, value in entry.get("params", {}).items()]
-    tags = [RunTag(key, value) for key, value in entry.get("tags", {}).items()]
-    metrics = [
-        Metric(key, value, timestamp, step, model_id=model_id, run_id=run_id)
-        for key, value, timestamp, step in points
-    ]
-    for part in _chunks(params, _PARAMS_PER_CALL):
-        client.log_batch(run_id, params=part)
-    for part in _chunks(tags, _PARAMS_PER_CALL):
-        client.log_batch(run_id, tags=part)
-    for part in _chunks(metrics, _METRICS_PER_CALL):
-        client.log_batch(run_id, metrics=part)
-
-
-def _not_logged(client: MlflowClient, run_id: str, points: list[list]) -> list[list]:
-    """The metric points (key, value, time, step) that the run does not hold yet."""
-    logged = {
-        (metric.key, metric.step, metric.timestamp)
-        for key in {point[0] for point in points}
-        for metric in client.get_metric_history(run_id, key)
-    }
-    return [point for point in points if (point[0], point[3], point[2]) not in logged]
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _inputs(
-    client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool
-) -> None:
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    inputs = [
-        DatasetInput(
-            Dataset(
-                name=data["name"],
-                digest=data["digest"],
-                source_type=data["source_type"],
-                source=data["source"],
-                profile=data["profile"],
-            ),
-            tags=[InputTag("mlflow.data.context", data["context"])],
-        )
-        for data in entry["datasets"]
-    ]
-    client.log_inputs(run_id, datasets=inputs)  # MLflow links a dataset to a run once
-
-
-def _artifacts(
-    client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool
-) -> None:
-    for path in entry["paths"]:
-        if os.path.isdir(path):
-            client.log_artifacts(run_id, path, entry.get("artifact_path"))
-        else:
-            client.log_artifact(run_id, path, entry.get("artifact_path"))
-
-
-def _model(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool) -> str:
-    """Creates the LoggedModel (once), uploads the saved model, marks it READY, links it."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-
-    model_id = entry.get("model_id") or state.get("model_id")
-    if model_id is None:
-        model = client.create_logged_model(
-            entry["experiment_id"], name="model", source_run_id=run_id, params=entry["params"]
-        )
-        model_id = model.model_id
-    else:  # created by the write that failed, or by a sync that broke off
-        model = client.get_logged_model(model_id)
-    entry["model_id"] = state["model_id"] = model_id
-    _stamp(Path(entry["path"]), model.artifact_location, model_id)
-    try:
-        client.log_model_artifacts(model_id, entry["path"])
-    except BaseException as err:
-        if not is_unreachable(err):  # kept PENDING when the upload is only postponed
-            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
-        raise
-    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
-    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=entry["step"])])
-    return model_id
-
-
-def _stamp(folder: Path, artifact_location: str, model_id: str) -> None:
-    """The saved model's MLmodel file names the LoggedModel it is uploaded to."""
-    from mlflow.models import Model
-
-    model = Model.load(folder)
-    model.artifact_path, model.model_uuid, model.model_id = artifact_location, model_id, model_id
-    model.save(folder / "MLmodel")
-
-
-def _register(
-    client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool
-) -> ModelVersion:
-    from mlflow.exceptions import MlflowException
-
-    name, source = entry["name"], f"models:/{state['model_id']}"
-    if maybe_sent:
-        for version in client.search_model_versions(f"run_id = '{run_id}'"):
-            if version.name == name and version.source == source:
-                return _registered(state, version)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    # A sqlite or file registry looks `models:/<id>` up with the global tracking URI
-    # (MLflow 3.17, sqlalchemy_store.create_model_version), so make it this client's.
-    with global_tracking_uri(client.tracking_uri):
-        version = client.create_model_version(
-            name,
-            source=source,
-            run_id=run_id,
-            tags=entry["tags"],
-            description=entry["description"],
-            model_id=state["model_id"],
-        )
-    return _registered(state, version)
-
-
-def _registered(state: State, version: ModelVersion) -> ModelVersion:
-    state["registered"] = f"{version.name} version {version.version}"
-    return version
-
-
-def _end(client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool) -> None:
-    # MLflow prints the run's link with the tracking URI's credentials; lkflow prints its own.
-    with env_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}, override=True):
-        client.set_terminated(run_id, status=entry["status"], end_time=entry["end_time"])
-
-
-def _delete_tag(
-    client: MlflowClient, run_id: str, entry: Entry, state: State, maybe_sent: bool
-) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.delete_tag(run_id, entry["key"])
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # not there: nothing to remove
-            raise
 
 
 # ---- the journal ---------------------------------------------------------------------------
@@ -357,9 +164,9 @@ class Outbox:
             with contextlib.suppress(OSError):  # not empty: a fit began an outbox meanwhile
                 folder.rmdir()
 
-    def append(self, entry: Mapping[str, Any]) -> None:
+    def append(self, write: Write) -> None:
         """Adds a write at the journal's end; its files are copied to `files/<n>/` now."""
-        line = dict(entry)
+        line: dict[str, Any] = dict(write)
         if "paths" in line:
             line["paths"] = [self._keep(path) for path in line["paths"]]
         if "path" in line:
@@ -379,12 +186,13 @@ class Outbox:
         return target.relative_to(self.folder).as_posix()
 
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.folder / "run.json").read_text())
+        meta: dict[str, Any] = json.loads((self.folder / "run.json").read_text())
+        return meta
 
-    def entries(self) -> list[Entry]:
+    def entries(self) -> list[Write]:
         """The journal's writes in order, their paths made absolute."""
         lines = self.journal.read_text().splitlines() if self.journal.exists() else []
-        entries = [json.loads(line) for line in lines if line.strip()]
+        entries: list[Any] = [json.loads(line) for line in lines if line.strip()]
         for entry in entries:
             if "paths" in entry:
                 entry["paths"] = [str(self.folder / path) for path in entry["paths"]]
@@ -392,12 +200,13 @@ class Outbox:
                 entry["path"] = str(self.folder / entry["path"])
         return entries
 
-    def progress(self) -> dict[str, Any]:
+    def progress(self) -> State:
         path = self.folder / "progress.json"
-        saved = json.loads(path.read_text()) if path.exists() else {}
-        return {"delivered": 0, "model_id": None, **saved}
+        state: State = {"delivered": 0, "model_id": None}
+        state.update(json.loads(path.read_text()) if path.exists() else {})
+        return state
 
-    def save_progress(self, state: Mapping[str, Any]) -> None:
+    def save_progress(self, state: State) -> None:
         _write_json(self.folder / "progress.json", state)
 
 
@@ -484,6 +293,8 @@ def _deliver_all(outbox: Outbox, tracking_uri: str | None) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from lkflow.tracking.writes import deliver  # which sends to the outbox: imported here
+
     run_id = outbox.meta()["run_id"]
     uri = _target_uri(outbox.meta(), tracking_uri)
     check_reachable(uri)
@@ -525,7 +336,7 @@ def _target_uri(meta: Mapping[str, Any], tracking_uri: str | None) -> str:
             "the outbox does not keep. Pass --tracking-uri with them, or set "
             "MLFLOW_TRACKING_URI to that URI."
         )
-    return meta["tracking_uri"]
+    return str(meta["tracking_uri"])
 
 
 def _check_run(client: MlflowClient, run_id: str) -> None:
@@ -542,24 +353,30 @@ def _check_run(client: MlflowClient, run_id: str) -> None:
         ) from err
 
 
-def _summary(run_id: str, uri: str, entries: Sequence[Entry], state: State) -> str:
+def _summary(run_id: str, uri: str, writes: Sequence[Write], state: State) -> str:
     """`Run <id> at <uri>: delivered 9 params, 24 metric values, ..., ended FINISHED.`"""
-    batches = [entry for entry in entries if entry["op"] == "batch"]
+    batches = [write for write in writes if write["op"] == "batch"]
     counts = {
-        "params": sum(len(entry.get("params", {})) for entry in batches),
-        "tags": sum(len(entry.get("tags", {})) for entry in batches),
-        "metric values": sum(len(entry.get("metrics", [])) for entry in batches),
-        "datasets": sum(len(entry.get("datasets", [])) for entry in entries),
-        "artifact files": sum(_files(path) for entry in entries for path in entry.get("paths", [])),
+        "params": sum(len(write.get("params", {})) for write in batches),
+        "tags": sum(len(write.get("tags", {})) for write in batches),
+        "metric values": sum(len(write.get("metrics", [])) for write in batches),
+        "datasets": sum(len(write["datasets"]) for write in writes if write["op"] == "inputs"),
+        "artifact files": sum(
+            _files(path)
+            for write in writes
+            if write["op"] == "artifacts"
+            for path in write["paths"]
+        ),
     }
     parts = [f"{count} {what}" for what, count in counts.items() if count]
-    ops = {entry["op"]: entry for entry in entries}
+    ops = {write["op"]: write for write in writes}
     if "model" in ops:
         parts.append(f"model {state['model_id']}")
     if "register" in ops:
         parts.append(f"registered as {state['registered']}")
-    if "end" in ops:
-        parts.append(f"ended {ops['end']['status']}")
+    ends = [write["status"] for write in writes if write["op"] == "end"]
+    if ends:
+        parts.append(f"ended {ends[-1]}")
     return f"Run {run_id} at {uri}: delivered {', '.join(parts) or 'nothing (all was in)'}."
 
 

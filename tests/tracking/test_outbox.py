@@ -1,4 +1,5 @@
-"""The outbox has one owner at a time: a running fit, or one `lkflow sync`.
+"""The outbox: `lkflow sync` delivers what a fit kept, and the outbox has one owner at a time: a
+running fit, or one `lkflow sync`.
 
 The fit runs as a real subprocess that waits at epoch ends for the test's word, against a
 real `mlflow server` that the test kills and starts again; `lkflow sync` runs as a real
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from click.testing import CliRunner
 from helpers import fresh_store, make_loaders, make_model
 from mlflow import MlflowClient
@@ -25,8 +26,9 @@ from servers import BIN, bin_path_env, free_port, mlflow_server
 
 from lkflow import MLflowCallback
 from lkflow.cli import main
+from lkflow.tracking.outbox import Outbox
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # helpers.py, for the fit in its own process
 EPOCHS = 4
 KEYS = ("loss", "acc", "val_loss", "val_acc", "lr")
 
@@ -160,7 +162,7 @@ def _outbox_of_a_whole_fit(uri: str, root: Path) -> str:
     client = MlflowClient(uri)
     run_id = client.create_run("0").info.run_id
     client.set_terminated(run_id)  # the fit reopens it, and ends it
-    kept = root / run_id  # as an earlier fit left it (the layout of lkflow/outbox.py)
+    kept = root / run_id  # as an earlier fit left it (the layout of lkflow/tracking/outbox.py)
     kept.mkdir(parents=True)
     meta = {"run_id": run_id, "experiment_id": "0", "tracking_uri": uri, "has_credentials": False}
     (kept / "run.json").write_text(json.dumps(meta))
@@ -210,37 +212,11 @@ def test_a_second_sync_finds_the_outbox_busy_and_the_model_is_registered_once(
     assert not folder.exists()
 
 
-@pytest.mark.slow
-def test_the_sqlite_migration_lock_is_one_file_beside_each_store(
-    tmp_path: Path, migrated_store: Path
-) -> None:
-    temporary, work = tmp_path / "tmp", tmp_path / "work"
-    for folder in (temporary, work / "b"):
-        folder.mkdir(parents=True)
-    shutil.copy(migrated_store, work / "a.db")
-    shutil.copy(migrated_store, work / "b" / "b.db")
-    code = (
-        "from lkflow.store import tracking_client\n"
-        "for uri in ('sqlite:///a.db', 'sqlite:///b/b.db', 'sqlite:///a.db'):\n"
-        "    tracking_client(uri).search_experiments()\n"
-    )
-    for _ in range(2):
-        subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=work,
-            env={**os.environ, "TMPDIR": str(temporary)},
-            check=True,
-        )
-    assert list(temporary.iterdir()) == []
-    locks = sorted(p.relative_to(work).as_posix() for p in work.rglob("*.lock"))
-    assert locks == ["a.db.lock", "b/b.db.lock"]
-
-
 _HOLDER = """
 import sys
 import time
 
-from lkflow.outbox import Outbox
+from lkflow.tracking.outbox import Outbox
 
 outbox = Outbox.open("mlruns-outbox", sys.argv[1], "0", sys.argv[2])
 outbox.append({"op": "end", "status": "FINISHED", "end_time": int(time.time() * 1000)})
@@ -271,3 +247,52 @@ def test_the_outbox_of_a_fit_killed_with_sigkill_is_delivered(
     assert synced.exit_code == 0, synced.output
     assert synced.stdout == f"Run {run_id} at {tracking_uri}: delivered ended FINISHED.\n"
     assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
+
+
+class _Boom(pl.Callback):
+    def __init__(self) -> None:
+        self.error = RuntimeError("boom at the end of epoch 1")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            raise self.error
+
+
+def test_sync_without_an_outbox_delivers_nothing(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["sync"])
+    assert result.exit_code == 0
+    assert result.output == f"Nothing to deliver: no run kept in {tmp_path / 'mlruns-outbox'}.\n"
+
+
+def test_a_resumed_fit_adds_its_writes_after_those_kept(tracking_uri: str, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        make_model().fit(*make_loaders(), epochs=3, gpus=0, verbose=0, callbacks=[_Boom()])
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs(["0"])
+    kept = Outbox.open(tmp_path / "mlruns-outbox", run.info.run_id, "0", tracking_uri)
+    kept.append({"op": "batch", "tags": {"kept": "before the resumed fit"}})
+    kept.release()  # as the earlier fit did when it ended
+    model = make_model()
+    with pytest.warns(UserWarning, match="writes that an earlier fit kept"):
+        model.fit(*make_loaders(), epochs=3, gpus=0, verbose=0, ckpt_path="checkpoints/last.ckpt")
+    assert model.run_id == run.info.run_id
+    assert client.search_registered_models() == []  # the resumed fit's writes wait too
+
+    synced = CliRunner().invoke(main, ["sync"])
+    assert synced.exit_code == 0, synced.output
+    assert synced.stdout.splitlines()[-1].endswith("registered as Net version 1, ended FINISHED.")
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["kept"] == "before the resumed fit"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2]
+
+
+def test_sync_names_a_server_it_cannot_reach_and_keeps_no_credentials(tmp_path: Path) -> None:
+    uri = f"http://user:secret@127.0.0.1:{free_port()}"
+    Outbox.open(tmp_path / "mlruns-outbox", "0123abcd", "0", uri).release()
+    assert "secret" not in (tmp_path / "mlruns-outbox" / "0123abcd" / "run.json").read_text()
+    without = CliRunner().invoke(main, ["sync"])
+    assert without.exit_code == 1 and "whose credentials the outbox does not keep" in without.output
+    given = CliRunner().invoke(main, ["sync", "--tracking-uri", uri])
+    assert given.exit_code == 1
+    assert "Cannot reach the MLflow tracking server at http://***@127.0.0.1:" in given.output
+    assert "secret" not in given.output + without.output

@@ -1,0 +1,40 @@
+"""Tracking a fit in MLflow: `MLflowCallback` and the parts it delegates to, one concept a file.
+
+    from lkflow.tracking import MLflowCallback
+
+    callback.py   the Lightning hooks of MLflowCallback
+    run.py        the run's lifecycle: find, open, reopen, take over a killed run, end; its error
+    writes.py     one typed write into a run, `deliver`, and the fit's `Writer`
+    metrics.py    the history's rows as metric points at step=epoch, and the best epoch's
+    outbox.py     the writes kept on disk while the server is away, and `sync_run`
+    artifacts.py  the files a fit leaves: history, curves, summary, datasets, checkpoints
+    export.py     the servable model: torch.export, else a pickle with the net's code
+    registry.py   registration, its tag names, the best version and its example request
+    params.py     what a fit is configured with, made MLflow-safe
+    store.py      tracking URIs, reachability, retries, the sqlite lock
+
+`MLflowCallback` loads on first use, so that importing this package (as the command line does
+for its run table, registry and outbox) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lkflow.tracking.callback import MLflowCallback
+
+__all__ = ["MLflowCallback"]
+
+
+def __getattr__(name: str) -> Any:
+    if name != "MLflowCallback":
+        raise AttributeError(f"module 'lkflow.tracking' has no attribute {name!r}")
+    value = importlib.import_module("lkflow.tracking.callback").MLflowCallback
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

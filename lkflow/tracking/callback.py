@@ -1,0 +1,379 @@
+"""MLflowCallback: one Lightning callback that logs a whole fit to MLflow and registers the net.
+
+    trainer = pl.Trainer(max_epochs=10, callbacks=[MLflowCallback(experiment_name="rings")])
+    trainer.fit(model, dl_train, dl_valid)
+
+What one fit logs, all through `MlflowClient` calls naming the run, from rank zero only:
+- params (train start): the module's hparams, optimizer, scheduler, epochs, batch size,
+  precision, devices, seed, the net's class and size, the data sizes; batched, 100 a call.
+- metrics: each `history` row once, `step=epoch`, one batched call per epoch, after the
+  epoch's checkpoint is written; at the end `best_<monitor>` and `best_epoch`. A resumed fit
+  first reads which steps its run holds, and logs only the rows of the others.
+- inputs: the training and validation sets (rows, digest).
+- artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
+  of the bare net), `history.csv`, `curves.png`, `summary.txt`.
+- the model: the bare net with the best weights, exported with torch.export (a pickle with
+  the net's code where export fails), linked to the run and registered with tags.
+
+A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
+it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
+the run and ends it FINISHED, FAILED on an exception, or KILLED on Ctrl-C. An exception also
+leaves its type and message in the tag `lkflow.error` and its traceback's last lines in
+`traceback.txt`; the exception itself reaches the caller unchanged. A later fit of the run that
+finishes moves that tag to `lkflow.previous_error` (traceback.txt stays, the last error's).
+
+The store is only read until the first training batch has gone through: a mistake that the
+arguments, the sanity check or the first step reveal fails the fit before any run is created
+or reopened. The run opens at the end of that batch, and what the fit logged before (params,
+datasets) goes first.
+
+A tracking server that does not answer when the fit starts stops it before training. One that
+goes away during the fit does not: the write that failed and every later write of the run go,
+in order, to `mlruns-outbox/<run_id>/` in the working folder (`outbox_dir=`), with one
+warning, and `lkflow sync` delivers them into the run once the server is back (see
+lkflow/tracking/outbox.py for the layout). Every write goes through the fit's `Writer`
+(lkflow/tracking/writes.py): while the server answers it is one MLflow call as before,
+retried for seconds rather than MLflow's minutes. The fit owns the run's outbox (holds its
+lock) until it has written the run's end: a `lkflow sync` meanwhile leaves it alone.
+
+The hooks below only say when; what is done lives beside this file: the run in run.py, the
+writes in writes.py, the metrics in metrics.py, the files in artifacts.py, the model in
+export.py, its registration in registry.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+from lkflow.checks import check_registered_model_name
+from lkflow.errors import LkflowError
+from lkflow.tracking.artifacts import (
+    checkpoints_write,
+    datasets_write,
+    figure_files,
+    fit_files,
+    summary_text,
+)
+from lkflow.tracking.export import best_net, net_of, saved_model
+from lkflow.tracking.metrics import MetricRows
+from lkflow.tracking.outbox import DEFAULT_DIR
+from lkflow.tracking.params import fit_params, prepare_params
+from lkflow.tracking.registry import best_checkpoint, registered_name, registration
+from lkflow.tracking.run import (
+    FoundRun,
+    TrackedRun,
+    clear_error,
+    end_run,
+    find_run,
+    log_error,
+    log_params,
+    open_run,
+)
+from lkflow.tracking.store import check_reachable, check_tracking_uri, tracking_client
+from lkflow.tracking.writes import Writer
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+_EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input example
+
+
+class MLflowCallback(pl.Callback):
+    """Logs a fit to MLflow, then logs and registers the bare net with its best weights.
+
+    Arguments are kept as passed; what they resolve to during the fit lives in attributes
+    with a trailing underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`,
+    `model_version_`.
+
+    Args:
+        experiment_name: Experiment of a new run. Defaults to None (`MLFLOW_EXPERIMENT_NAME`,
+            else `MLFLOW_EXPERIMENT_ID`, else MLflow's "Default").
+        run_name: Name of a new run. Defaults to None (MLflow picks one).
+        registered_model_name: Name to register the net under, or False not to register.
+            Defaults to None: the experiment's name, or the net's class name in "Default".
+        tracking_uri: Where to log. Defaults to None: `MLFLOW_TRACKING_URI`, else MLflow's
+            default (`sqlite:///mlflow.db` in the working folder), read when the fit starts.
+        run_id: A run to log into. Defaults to None: the active run, else `MLFLOW_RUN_ID`,
+            else the run of the checkpoint being resumed, else a new run.
+        log_model: Log (and register) the net as an MLflow model. Defaults to True.
+        tags: Tags set on the run. Defaults to None.
+        params: More params logged with the fit's own, such as a task's settings; checked
+            against the run's like them. Defaults to None.
+        outbox_dir: Where the writes that a tracking server gone away during the fit could
+            not take are kept, for `lkflow sync`, relative to the working folder at fit
+            start. Defaults to "mlruns-outbox".
+
+    Example:
+        >>> tracker = MLflowCallback(experiment_name="rings", registered_model_name="rings-net")
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[tracker])  # doctest: +SKIP
+        >>> trainer.fit(model, dl_train, dl_valid)  # doctest: +SKIP
+        >>> tracker.model_version_.version  # doctest: +SKIP
+        '1'
+    """
+
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        registered_model_name: str | Literal[False] | None = None,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        log_model: bool = True,
+        tags: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        outbox_dir: str | os.PathLike[str] = DEFAULT_DIR,
+    ) -> None:
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.registered_model_name = registered_model_name
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.log_model = log_model
+        self.tags = tags
+        self.params = params
+        self.outbox_dir = outbox_dir
+        self.client_: MlflowClient | None = None
+        self.run_id_: str | None = None
+        self.experiment_id_: str | None = None
+        self.model_uri_: str | None = None
+        self.model_version_: ModelVersion | None = None
+        self._restored: dict[str, Any] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        """Per-fit state, cleared at each setup so one callback can track several fits."""
+        self._found: FoundRun | None = None  # what the fit read at its start
+        self._writer: Writer | None = None  # the fit's writer, from fit start
+        self._rows = MetricRows()
+        self._example: torch.Tensor | None = None
+        self._example_done = False
+        self._outbox_root = Path(self.outbox_dir)
+
+    # ---- Lightning hooks ---------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        if not isinstance(getattr(pl_module, "history", None), list):
+            raise LkflowError(
+                f"Received: {type(pl_module).__name__}, which has no `history` list. "
+                "MLflowCallback logs the per-epoch rows of an lkflow.LightModel; "
+                "wrap the net in LightModel(net, ...)."
+            )
+        check_registered_model_name(self.registered_model_name)  # before any MLflow call
+        from mlflow import get_tracking_uri
+
+        uri = self.tracking_uri or get_tracking_uri()
+        check_tracking_uri(uri)
+        check_reachable(uri)
+        self._reset()
+        self._outbox_root = Path(self.outbox_dir).resolve()
+        self._restored = {}
+        self.client_ = tracking_client(uri)
+        self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        client = self.client_
+        if not trainer.is_global_zero or client is None:
+            return
+        self._found = found = find_run(
+            client,
+            run_id=self.run_id,
+            experiment_name=self.experiment_name,
+            restored_run_id=self._restored.get("run_id"),
+        )
+        self.run_id_, self.experiment_id_ = found.run_id, found.experiment_id
+        self._writer = Writer(self._outbox_root)
+        if self.experiment_name not in (None, found.experiment_name):
+            warnings.warn(
+                f"Logging into run {found.run_id} of experiment {found.experiment_name!r}; "
+                f"experiment_name={self.experiment_name!r} applies to new runs only.",
+                stacklevel=2,
+            )
+        if self._restored and found.run_id is not None:  # resumed, whenever the last fit stopped
+            self._rows.hold(client, found.run_id, self._outbox_root, _history(pl_module))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self._writer is None or self._found is None:
+            return
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        own = fit_params(trainer, net_of(pl_module), pl_module.hparams)
+        prepared = prepare_params({**own, **(self.params or {})}, limit=MAX_PARAM_VAL_LENGTH)
+        resumed = self._restored.get("run_id") == self.run_id_
+        log_params(self._writer, self._found, prepared, resumed)
+        datasets = datasets_write(trainer)
+        if datasets is not None:
+            self._writer.send(datasets)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._example_done or not trainer.is_global_zero:
+            return
+        self._example_done = True
+        example_input = getattr(pl_module, "example_input", _first_tensor)
+        try:
+            inputs = example_input(batch)
+        except LkflowError:
+            return  # a batch layout without one input tensor: no example, a pickled model
+        if isinstance(inputs, torch.Tensor):
+            self._example = inputs[:_EXAMPLE_ROWS].detach().clone()  # stays on the device
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.is_global_zero:
+            self._open()
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self._writer is not None:
+            self._rows.log(self._writer, _history(pl_module))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self._writer is not None:
+            self._rows.log(self._writer, _history(pl_module))
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        opened = self._open()  # opened here by a fit without a batch, as a finished one resumed
+        if opened is None:
+            return
+        writer, run = opened
+        self._rows.log(writer, _history(pl_module))
+        self._log_outputs(writer, run, trainer, pl_module)
+        clear_error(writer, run)
+        end_run(writer, run, "FINISHED")
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        writer = self._writer
+        run = None if writer is None else writer.run
+        if not trainer.is_global_zero or writer is None or run is None:
+            return  # failed before the first batch trained: no run was created or reopened
+        status = "FAILED" if isinstance(exception, Exception) else "KILLED"  # Ctrl-C, SIGTERM
+        with _carry_on("log the history and checkpoints of the failed fit"):
+            self._rows.log(writer, _history(pl_module))
+            checkpoints = checkpoints_write(trainer, last=True)
+            if checkpoints is not None:
+                writer.send(checkpoints)
+        with _carry_on("log the error of the failed fit"):
+            log_error(writer, exception)
+        with _carry_on(f"end run {run.run_id} {status}"):
+            end_run(writer, run, status)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id_}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+
+    # ---- the run -----------------------------------------------------------------------
+
+    def _open(self) -> tuple[Writer, TrackedRun] | None:
+        """The fit's writer and its run, the run created or reopened now if it is not yet;
+        None before the fit started."""
+        writer, found = self._writer, self._found
+        if writer is None or found is None:
+            return None
+        if writer.run is None:
+            run = open_run(
+                found, experiment_name=self.experiment_name, run_name=self.run_name, tags=self.tags
+            )
+            self.run_id_, self.experiment_id_ = run.run_id, run.experiment_id
+            writer.open(run)
+        return (writer, writer.run) if writer.run is not None else None
+
+    def log_figures(self, figures: Mapping[str, Figure], artifact_path: str = "report") -> None:
+        """Figures as PNG files in the run of the last fit, under `artifact_path`.
+
+        They go the way of every other write: into the run, or into its outbox while the
+        tracking server is away.
+
+        Args:
+            figures: File name (".png" added where there is no suffix) to figure.
+            artifact_path: Folder of the run's artifacts. Defaults to "report".
+
+        Example:
+            >>> tracker.log_figures({"confusion": figure})  # doctest: +SKIP
+        """
+        if self._writer is None or self._writer.run is None or not figures:
+            return
+        with figure_files(figures, artifact_path) as write:
+            self._writer.send(write)
+
+    def _log_outputs(
+        self, writer: Writer, run: TrackedRun, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        """Artifacts, the bare net with the best weights as an MLflow model, best metrics."""
+        best = best_checkpoint(trainer, _history(pl_module))
+        net = best_net(pl_module, best.state_dict)
+        example = None if self._example is None else self._example.cpu()
+        table = summary_text(net, example)
+        with fit_files(_history(pl_module), net, table) as files:
+            writer.send(files)
+        checkpoints = checkpoints_write(trainer, last=False)
+        if checkpoints is not None:
+            writer.send(checkpoints)
+        if self.log_model:
+            ids = (run.run_id, run.experiment_id)
+            with saved_model(net, example, *ids, run.params, best.epoch) as model:
+                model_id = writer.send(model)
+            self.model_uri_ = None if model_id is None else f"models:/{model_id}"
+            name = registered_name(
+                self.registered_model_name, self.log_model, run.experiment_name, type(net).__name__
+            )
+            if name is not None:
+                self.model_version_ = writer.send(registration(name, best, run.run_id, table))
+        self._rows.log_best(writer, best, _history(pl_module), to_model=self.log_model)
+
+
+@contextlib.contextmanager
+def _carry_on(what: str) -> Iterator[None]:
+    """An MLflow failure while the fit is already failing becomes a warning: the fit's own
+    exception is the one that must reach the caller."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as err:
+        warnings.warn(f"Could not {what} in MLflow: {err}", stacklevel=3)
+
+
+def _history(pl_module: pl.LightningModule) -> list[dict[str, Any]]:
+    """The module's rows, one an epoch (setup checked that it has a `history` list)."""
+    history: list[dict[str, Any]] = getattr(pl_module, "history", [])
+    return history
+
+
+def _first_tensor(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch

@@ -1,0 +1,123 @@
+"""The history's rows as the run's metric points: each row once, at `step=epoch`.
+
+    rows = MetricRows()
+    rows.hold(client, run_id, outbox_root, history)  # a resumed fit: the steps its run holds
+    rows.log(writer, pl_module.history)  # the rows since the last call, in one write
+    rows.log_best(writer, best, pl_module.history, to_model=True)  # best_<monitor>, best_epoch
+
+History keys become MLflow-safe metric names (`lkflow.tracking.params.sanitize_keys`, one
+warning listing every rename); the names and the time each step was logged are kept, so that
+the best epoch's row can be linked to the logged model with the same values and times. A
+resumed fit first reads which steps its run holds, and logs only the rows of the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lkflow.tracking.outbox import Outbox
+from lkflow.tracking.params import sanitize_key, sanitize_keys
+from lkflow.tracking.registry import BEST_EPOCH_METRIC, BEST_PREFIX
+from lkflow.tracking.store import bounded_http_retries
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from lkflow.tracking.registry import Best
+    from lkflow.tracking.writes import Point, Writer
+
+
+class MetricRows:
+    """The history's rows as metric points of the run: each row once, at `step=epoch`, under
+    MLflow-safe names; at the end `best_<monitor>` and `best_epoch`."""
+
+    def __init__(self) -> None:
+        self.n_logged = 0  # the rows of the history logged so far
+        self.names: dict[str, str] = {}  # history key -> its MLflow name
+        self.logged_at: dict[int, int] = {}  # step -> the time its row was logged, in ms
+
+    def log(self, writer: Writer, history: Sequence[Mapping[str, Any]]) -> None:
+        """History rows not logged yet: one batched write, each row at `step=epoch`, except
+        rows whose step the run already holds (logged before the fit was resumed)."""
+        rows = history[self.n_logged :]
+        steps = [int(row.get("epoch", self.n_logged + i)) for i, row in enumerate(rows)]
+        new = [
+            (step, row) for step, row in zip(steps, rows, strict=True) if step not in self.logged_at
+        ]
+        if new:
+            self._name(row for _, row in new)
+            now = int(time.time() * 1000)
+            values = [
+                (self.names[key], float(value), now, step)
+                for step, row in new
+                for key, value in row.items()
+                if key != "epoch"
+            ]
+            writer.send({"op": "batch", "metrics": values, "to_model": False})
+            self.logged_at.update(dict.fromkeys([step for step, _ in new], now))
+        self.n_logged += len(rows)
+
+    def _name(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Adds the MLflow names of the rows' keys to `names`."""
+        keys = [key for row in rows for key in row if key != "epoch"]
+        if not set(keys) <= set(self.names):
+            self.names = sanitize_keys(dict.fromkeys([*self.names, *keys]))
+
+    def hold(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        outbox_root: Path,
+        history: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Takes the steps the run holds, logged by the fits before a resume, as logged.
+
+        One metric's history tells them (every row is logged in one call), read from MLflow
+        and from the run's outbox, whose writes have not reached MLflow yet.
+        """
+        first = next((key for key in history[0] if key != "epoch"), None) if history else None
+        if first is None:
+            self.logged_at = {}
+            return
+        self._name(history[:1])
+        key = self.names[first]
+        # The outbox first: a sync delivering meanwhile moves its points into MLflow, read next.
+        kept = Outbox(outbox_root / run_id).entries()
+        with bounded_http_retries():
+            points = client.get_metric_history(run_id, key)
+        held = {
+            step: at
+            for write in kept
+            if write["op"] == "batch"
+            for name, _, at, step in write.get("metrics", [])
+            if name == key
+        }
+        held.update({point.step: point.timestamp for point in points})
+        self.logged_at = held
+
+    def log_best(
+        self, writer: Writer, best: Best, history: Sequence[Mapping[str, Any]], to_model: bool
+    ) -> None:
+        """`best_<monitor>` and `best_epoch`; with a model, also the best epoch's row again,
+        linked to the model (same values and times: the run's histories gain no point)."""
+        values: list[Point] = []
+        if best.score is not None:
+            name = self.names.get(best.monitor) or sanitize_key(best.monitor)
+            now = int(time.time() * 1000)
+            values += [
+                (f"{BEST_PREFIX}{name}", best.score, now, best.epoch),
+                (BEST_EPOCH_METRIC, float(best.epoch), now, best.epoch),
+            ]
+        logged_at = self.logged_at.get(best.epoch)
+        rows = [row for row in history if row.get("epoch") == best.epoch]
+        if to_model and logged_at is not None and rows:
+            values += [
+                (self.names[key], float(value), logged_at, best.epoch)
+                for key, value in rows[-1].items()
+                if key != "epoch"
+            ]
+        if values:
+            writer.send({"op": "batch", "metrics": values, "to_model": to_model})

@@ -1,0 +1,106 @@
+"""Registration: the version a fit registers and its tags, names MLflow refuses, and which
+registered version is served."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+from helpers import Tracked, fit, make_loaders
+from helpers import make_model as make_plain_model
+from helpers import make_scheduled_model as make_model
+from hypothesis import given
+from hypothesis import strategies as st
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import _validate_model_name
+
+from lkflow.checks import check_registered_model_name
+from lkflow.errors import LkflowError
+from lkflow.tracking.registry import best_version
+
+
+def test_registered_version(tracked: Tracked, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    client, run_id = tracked.client, tracked.run_id
+    version = client.get_model_version("rings-net", "1")
+    model_id = version.source.removeprefix("models:/")
+    best = min(tracked.model.history, key=lambda row: row["val_loss"])
+    assert version.run_id == run_id and version.status == "READY"
+    assert version.tags["monitor"] == "val_loss" and version.tags["mode"] == "min"
+    assert float(version.tags["monitor_value"]) == pytest.approx(best["val_loss"])
+    assert version.tags["best_epoch"] == str(best["epoch"])
+    assert version.tags["run_id"] == run_id
+    assert "Linear-1" in version.description and "Total params: 115" in version.description
+    run = client.get_run(run_id)
+    logged = client.get_logged_model(model_id)
+    assert logged.experiment_id == run.info.experiment_id  # not MLflow's Default experiment
+    assert logged.source_run_id == run_id and str(logged.status) == "READY"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
+    info = mlflow.models.get_model_info(f"models:/{model_id}")
+    assert "python_function" in info.flavors
+    assert info.flavors["python_function"]["model_config"] == {"device": "cpu"}
+    assert {m.key: m.value for m in logged.metrics} == {
+        **{key: pytest.approx(value) for key, value in best.items() if key != "epoch"},
+        "best_val_loss": pytest.approx(best["val_loss"]),
+        "best_epoch": best["epoch"],
+    }
+    assert info.signature.inputs.inputs[0].shape == (-1, 2)
+
+
+@pytest.mark.parametrize("name", ["a/b", "a:b", " "])
+def test_bad_registered_name_fails_before_mlflow_is_touched(name: str, tmp_path: Path) -> None:
+    with pytest.raises(LkflowError, match="registered_model_name"):
+        fit(make_model(), registered_model_name=name)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@given(st.text(max_size=12))
+def test_registered_names_are_refused_exactly_where_mlflow_refuses_them(name: str) -> None:
+    try:
+        _validate_model_name(name)
+    except MlflowException:
+        with pytest.raises(LkflowError, match=re.escape(f"registered_model_name={name!r}")):
+            check_registered_model_name(name)
+    else:
+        check_registered_model_name(name)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "..net"])
+def test_a_registered_name_mlflow_rejects_fails_before_training_and_keeps_the_run(
+    tracking_uri: str, name: str
+) -> None:
+    client = MlflowClient(tracking_uri)
+    model = make_plain_model()
+    with mlflow.start_run() as run:
+        client.log_metric(run.info.run_id, "kept", 1.0)
+        with pytest.raises(LkflowError, match=re.escape(f"registered_model_name={name!r}")):
+            model.fit(*make_loaders(), epochs=1, gpus=0, verbose=0, registered_model_name=name)
+    assert model.history == []
+    kept = client.get_run(run.info.run_id)
+    assert kept.data.metrics == {"kept": 1.0} and kept.data.params == {}
+    assert client.search_registered_models() == []
+
+
+def _version(number: int, **tags: str) -> ModelVersion:
+    version_tags = [ModelVersionTag(key, value) for key, value in tags.items()]
+    return ModelVersion("net", number, creation_timestamp=number, tags=version_tags)
+
+
+def test_best_version_follows_the_metric_mode() -> None:
+    losses = [_version(1, monitor="val_loss", monitor_value="0.3"), _version(2)]
+    losses.append(_version(3, monitor="val_loss", monitor_value="0.2"))
+    assert best_version(losses)[0].version == 3
+    accs = [_version(n, monitor="val_acc", monitor_value=v) for n, v in ((1, ".9"), (2, ".8"))]
+    assert best_version(accs)[0].version == 1
+    recorded = [
+        _version(n, monitor="score", monitor_value=v, mode="max") for n, v in ((1, "1"), (2, "2"))
+    ]
+    assert best_version(recorded)[0].version == 2
+    assert best_version([_version(1), _version(2)]) == (
+        _version(2),
+        "the newest version: no recorded metric",
+    )
