@@ -29,7 +29,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lkflow.errors import LkflowError
 from lkflow.tracking import served
@@ -143,8 +143,6 @@ def save_model(net: nn.Module, example: Inputs | None, path: Path, mlflow_model:
     """The net saved as an MLflow model by its layout (see the module's docstring), a pickle
     where torch.export fails; True when the saved model answers its example with the net's
     outputs, else False after one warning that says why and what to change."""
-    import torch
-
     name = type(net).__name__
     if example is None:
         _save_pickle(net, None, path, mlflow_model)
@@ -162,10 +160,13 @@ def save_model(net: nn.Module, example: Inputs | None, path: Path, mlflow_model:
         _warn_unregistered(name, f"it fails on its input example ({_first_line(err)})", _FIX)
         return False
     reason = _save_exported(net, example, flavor, path, mlflow_model)
+    if reason is not None and flavor == "pyfunc":  # a pickle takes one array: it cannot serve
+        _save_pickle(net, None, path, mlflow_model)
+        why = f"torch.export could not export it ({reason}), and its pickle takes one array"
+        _warn_unregistered(name, why, _FIX)
+        return False
     if reason is not None:
-        shutil.rmtree(path, ignore_errors=True)
-        one = example if isinstance(example, torch.Tensor) else None
-        _save_pickle(net, one, path, mlflow_model)
+        _save_pickle(net, cast("torch.Tensor", example), path, mlflow_model)
         warnings.warn(
             f"torch.export could not export {name} ({reason}). The MLflow model is a pickle "
             f"fallback with the net's code{_PICKLE_LOADING} To get an exported model instead, "
