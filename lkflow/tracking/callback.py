@@ -11,9 +11,12 @@ What one fit logs, all through `MlflowClient` calls naming the run, from rank ze
   first reads which steps its run holds, and logs only the rows of the others.
 - inputs: the training and validation sets (rows, digest).
 - artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
-  of the bare net), `history.csv`, `curves.png`, `summary.txt`.
-- the model: the bare net with the best weights, exported with torch.export (a pickle with
-  the net's code where export fails), linked to the run and registered with tags.
+  of the bare net), `history.csv`, `curves.png`, `summary.txt`; one of these extras that
+  cannot be made is left out with a warning, and the fit still finishes.
+- the model: the bare net with the best weights, exported with torch.export by its layout (a
+  pickle with the net's code where export fails), linked to the run, and registered with tags
+  once it answers its input example (the first batch's rows, whatever `example_input` returns).
+- what Lightning callbacks log through the Trainer's logger (logger.py), at their steps.
 
 A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
