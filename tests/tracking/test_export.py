@@ -225,7 +225,7 @@ def two_input_fit(net: nn.Module, name: str) -> LightModel:
 
 
 def test_two_input_net_with_dict_output_is_registered_as_a_pyfunc_answering_its_example(
-    tracking_uri: str,
+    tracking_uri: str, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
     model = two_input_fit(TwoHeads(), "two-heads")
@@ -248,6 +248,30 @@ def test_two_input_net_with_dict_output_is_registered_as_a_pyfunc_answering_its_
     assert sorted(predicted) == ["logits", "prob"]
     for key in ("logits", "prob"):
         np.testing.assert_allclose(predicted[key], expected[key].numpy(), rtol=1e-5, atol=1e-6)
+    request = {key: value.tolist() for key, value in example.items()}
+    done = _isolated_python(
+        _PREDICT_NAMED, tmp_path, {"MLFLOW_TRACKING_URI": tracking_uri}, json.dumps(request)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    elsewhere = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("logits", "prob"):
+        np.testing.assert_allclose(elsewhere[key], expected[key].numpy(), rtol=1e-5, atol=1e-6)
+
+
+_PREDICT_NAMED = """
+    import json
+    try:
+        import lkflow
+        sys.exit("lkflow can be imported here")
+    except ImportError:
+        pass
+    import numpy as np
+    import mlflow.pyfunc
+    model = mlflow.pyfunc.load_model("models:/two-heads/1")
+    request = {"x_num": np.array(json.loads(sys.argv[1])["x_num"], dtype=np.float32),
+               "x_cat": np.array(json.loads(sys.argv[1])["x_cat"])}
+    print(json.dumps({k: v.tolist() for k, v in model.predict(request).items()}))
+"""
 
 
 def test_net_whose_model_cannot_answer_its_example_is_not_registered(
