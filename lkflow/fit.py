@@ -6,11 +6,10 @@
 
 A fit's callbacks are the best checkpoint by `monitor`, `last.ckpt` after every epoch, the
 user's, early stopping, the line per epoch and the MLflow callback. Lightning's Trainer defaults
-suit a script; a Keras-style call wants less: no logger or layer table, checkpoint files whole
-or absent, Lightning's start-up chatter silenced, and Ctrl-C or SIGTERM reaching the caller as
-what they were. After a fit,
-what spawned or forked workers kept comes back into this process, and the best epoch's weights
-into the model.
+suit a script; a Keras-style call wants less: a logger only into the MLflow run, no layer table,
+checkpoint files whole or absent, Lightning's start-up chatter silenced, and Ctrl-C or SIGTERM
+reaching the caller as what they were. After a fit, what spawned or forked workers kept comes
+back into this process, and the best epoch's weights into the model.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -55,6 +56,7 @@ class FitCallbacks:
     all: list[Callback]
     best: ModelCheckpoint
     tracker: MLflowCallback | None
+    logger: Logger  # into the tracker's run, else nowhere: for callbacks that need a logger
 
 
 def fit_callbacks(
@@ -67,7 +69,8 @@ def fit_callbacks(
     tracker: MLflowCallback | None,
 ) -> FitCallbacks:
     """The best checkpoint by `monitor` and `last.ckpt`, the user's `callbacks`, early stopping
-    with `patience`, the line per epoch with `verbose=2`, and the MLflow callback last."""
+    with `patience`, the line per epoch with `verbose=2`, and the MLflow callback last; the
+    Trainer's logger writes into the tracker's run (lkflow/tracking/logger.py), or nowhere."""
     best = BestCheckpoint(
         dirpath=os.fspath(ckpt_dir),
         filename=f"{{epoch}}-{{{monitor}:.4f}}",
@@ -80,9 +83,13 @@ def fit_callbacks(
         every.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     if verbose == 2:
         every.append(EpochLogger())
+    logger: Logger = DummyLogger()
     if tracker is not None:
+        from lkflow.tracking.logger import RunLogger
+
         every.append(tracker)
-    return FitCallbacks(every, best, tracker)
+        logger = RunLogger(tracker)
+    return FitCallbacks(every, best, tracker, logger)
 
 
 def fit_model(
@@ -98,7 +105,7 @@ def fit_model(
     """Trains `model` with checked arguments, then leaves in it the history, the MLflow run id
     and the best epoch's weights."""
     with quiet(verbose):
-        trainer = build_trainer(epochs, verbose, callbacks.all, trainer_kwargs)
+        trainer = build_trainer(epochs, verbose, callbacks.all, trainer_kwargs, callbacks.logger)
         if val_data is not None:
             val_data = each_row_once("val_data", val_data, trainer, trainer_kwargs)
         fit_passing_interrupts(trainer, model, train_data, val_data, ckpt_path=ckpt_path)
@@ -165,11 +172,15 @@ def predict_outputs(
 
 
 def build_trainer(
-    epochs: int, verbose: int, callbacks: list[Callback], kwargs: dict[str, Any]
+    epochs: int,
+    verbose: int,
+    callbacks: list[Callback],
+    kwargs: dict[str, Any],
+    logger: Logger | Literal[False] = False,
 ) -> pl.Trainer:
     options: dict[str, Any] = {
         "max_epochs": epochs,
-        "logger": False,
+        "logger": logger,
         "enable_model_summary": False,
         "enable_progress_bar": verbose == 1,
         "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -255,6 +266,7 @@ def quiet(verbose: int) -> Iterator[None]:
             "ignore", message=".*Checkpoint directory .* exists and is not empty.*"
         )
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         # epoch values are already summed across processes before they are logged
         warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
         for logger in loggers:
