@@ -119,13 +119,15 @@ def test_no_host_synchronisation_inside_the_training_step(loaders):
 # ---- bad input -------------------------------------------------------------------------
 
 
-def test_a_batch_that_is_not_x_y(loaders):
-    x = loaders[0].dataset.tensors[0]
-    triples = DataLoader(torch.utils.data.TensorDataset(x, x, x), batch_size=64)
+def test_a_batch_that_fits_no_layout_names_it_and_the_fixes(loaders):
+    x, y = loaders[0].dataset.tensors
+    rows = [{"features": x[i], "answer": y[i]} for i in range(len(x))]  # no target key
     with pytest.raises(
-        LkflowError, match=r"batch of type list of 3 items.*\(x, y\) pairs.*override shared_step"
+        LkflowError,
+        match=r"batch dict: features Tensor\(64, 2\) float32, answer .*target.*"
+        r"'y'.*Fix: pass target=.*override shared_step",
     ):
-        fit_quietly(keras_model(), triples)
+        fit_quietly(keras_model(), DataLoader(rows, batch_size=64))
 
 
 def test_shapes_that_do_not_fit_the_net_name_the_layer():
