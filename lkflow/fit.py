@@ -197,7 +197,7 @@ def optimizers_of(model: LightModel) -> Any:
     plateau = isinstance(scheduler.get("scheduler"), torch.optim.lr_scheduler.ReduceLROnPlateau)
     trainer = model._trainer  # None outside a Trainer
     if plateau and "monitor" not in scheduler and trainer is not None:
-        best = [c for c in trainer.callbacks if isinstance(c, BestCheckpoint)]  # type: ignore[attr-defined]
+        best = [c for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)]
         if best:
             scheduler["monitor"] = best[0].monitor
     return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -114,7 +114,7 @@ class LightModel(pl.LightningModule):
         self.run_id: str | None = None
         self._epochs = EpochRows()
         self._first_steps = set(_STAGES)  # the stages yet to take their first step (see _step)
-        self.save_hyperparameters(ignore=_NOT_HPARAMS)
+        self.save_hyperparameters(ignore=_not_hparams(inputs, target))
         check_has_loss(loss_fn, own_step=_has_own_step(type(self)))
 
     @override
@@ -359,6 +359,12 @@ class LightModel(pl.LightningModule):
         import pandas as pd
 
         return pd.DataFrame(self.history)
+
+
+def _not_hparams(inputs: _Inputs, target: Choice | None) -> list[str]:
+    """The constructor arguments kept out of the hyperparameters: the modules, and the batch
+    layout where it is the default rule (a layout of one's own is saved, and restored on load)."""
+    return _NOT_HPARAMS + ["inputs"] * (inputs is None) + ["target"] * (target == "auto")
 
 
 def _stage_of(trainer: pl.Trainer) -> str:

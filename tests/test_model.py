@@ -348,3 +348,20 @@ def test_reduce_lr_on_plateau_watches_the_fits_monitor(loaders) -> None:
         again.step(val_loss)
     assert history["lr"].tolist() == pytest.approx(lrs)
     assert len(set(lrs)) > 1  # the rate did change
+
+
+def test_a_layout_of_ones_own_trains_and_comes_back_from_a_checkpoint(loaders) -> None:
+    x, y = loaders[0].dataset.tensors
+    rows = [{"features": x[i], "answer": y[i]} for i in range(len(x))]  # no default target key
+    loader = DataLoader(rows, batch_size=64)
+    model = LightModel(Net(), loss_fn=nn.BCEWithLogitsLoss(), inputs="features", target="answer")
+    history = fit_quietly(model, loader, loader)
+
+    with torch.no_grad():
+        logits = model.net(x)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+    assert history["val_loss"].tolist() == pytest.approx([loss], rel=1e-5)
+    best = model.trainer.checkpoint_callback.best_model_path
+    clone = LightModel.load_from_checkpoint(best, net=Net(), loss_fn=nn.BCEWithLogitsLoss())
+    assert (clone.inputs, clone.target) == ("features", "answer")
+    torch.testing.assert_close(clone.predict(loader), logits)
