@@ -190,13 +190,14 @@ def summary(
     return result
 
 
-def summary_text(net: nn.Module, example: Inputs | None) -> str:
+def layer_table(net: nn.Module, example: Inputs | None) -> str:
     """The layer table of `net` run on `example`, a batch of its inputs of any structure (a
-    tensor, a tuple or a dict of tensors); "" without an example.
+    tensor, a tuple or a dict of tensors, as `LightModel.example_input` returns), with the
+    example's own shapes; "" without an example. Errors as in `summary`.
 
     Example:
         >>> net = nn.Bilinear(2, 3, 1)
-        >>> "Bilinear-1" in summary_text(net, (torch.ones(4, 2), torch.ones(4, 3)))
+        >>> "Bilinear-1" in layer_table(net, (torch.ones(4, 2), torch.ones(4, 3)))
         True
     """
     if example is None:

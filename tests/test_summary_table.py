@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lkflow.errors import LkflowError
-from lkflow.summary_table import LayerRow, Summary, summary, summary_text
+from lkflow.summary_table import LayerRow, Summary, layer_table, summary
 
 
 class ArticleNet(nn.Module):
@@ -319,8 +319,8 @@ def test_input_data_may_be_a_tuple_or_a_dict_of_the_nets_inputs(as_dict: bool) -
     assert result.total_params == 5 * 3 + 7 * 2 + 2
     expected_bytes = x_num.numel() * 4 + x_cat.numel() * 8
     assert result.input_size_mb == pytest.approx(expected_bytes / 1024**2)
-    assert "Embedding-1" in summary_text(TwoInputs(), data)
-    assert summary_text(TwoInputs(), None) == ""
+    assert "Embedding-1" in layer_table(TwoInputs(), data)
+    assert layer_table(TwoInputs(), None) == ""
 
 
 def test_a_structure_that_does_not_fit_the_net_is_described_in_the_error() -> None:
