@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +33,7 @@ from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lkflow.batches import call_net, concat, to_device
 from lkflow.checkpoints import BestCheckpoint, CompleteCheckpointIO, LastCheckpoint
 from lkflow.checks import check_loader
 from lkflow.devices import Gpus, trainer_device_kwargs
@@ -73,10 +75,11 @@ def fit_callbacks(
     Trainer's logger writes into the tracker's run (lkflow/tracking/logger.py), or nowhere."""
     best = BestCheckpoint(
         dirpath=os.fspath(ckpt_dir),
-        filename=f"{{epoch}}-{{{monitor}:.4f}}",
+        filename=checkpoint_filename(monitor),
         monitor=monitor,
         mode=mode,
         save_top_k=1,
+        auto_insert_metric_name=False,
     )
     every: list[Callback] = [best, LastCheckpoint(best), *callbacks]
     if patience is not None:
@@ -92,6 +95,18 @@ def fit_callbacks(
     return FitCallbacks(every, best, tracker, logger)
 
 
+def checkpoint_filename(monitor: str) -> str:
+    """The best checkpoint's file name pattern, such as `epoch={epoch}-val_f1_macro={...:.4f}`:
+    the monitor's name made safe for a file name (`val_f1/macro`, `acc@1`), its value as logged.
+
+    Example:
+        >>> checkpoint_filename("val_f1/macro")
+        'epoch={epoch}-val_f1_macro={val_f1/macro:.4f}'
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", monitor)
+    return f"epoch={{epoch}}-{safe}={{{monitor}:.4f}}"
+
+
 def fit_model(
     model: LightModel,
     train_data: DataLoader[Any],
@@ -103,7 +118,9 @@ def fit_model(
     trainer_kwargs: dict[str, Any],
 ) -> None:
     """Trains `model` with checked arguments, then leaves in it the history, the MLflow run id
-    and the best epoch's weights."""
+    and the best epoch's weights. Without `ckpt_path` the history starts empty."""
+    if ckpt_path is None:
+        model.history = []
     with quiet(verbose):
         trainer = build_trainer(epochs, verbose, callbacks.all, trainer_kwargs, callbacks.logger)
         if val_data is not None:
@@ -154,21 +171,43 @@ def evaluate_model(
     return {key.removeprefix("test_"): value for key, value in results.items()}
 
 
-def predict_outputs(
-    model: LightModel, data: DataLoader[Any] | Iterable[Any] | torch.Tensor
-) -> torch.Tensor:
-    """`model.predict(data)`: the net's outputs in eval mode, without gradients, on the CPU."""
+def predict_outputs(model: LightModel, data: DataLoader[Any] | Iterable[Any] | torch.Tensor) -> Any:
+    """`model.predict(data)`: the net's outputs in eval mode, without gradients, on the CPU,
+    in the structure the net returns; every module is left in the mode it was in."""
     batches = [data] if isinstance(data, torch.Tensor) else data
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            outputs = [model.net(model.example_input(b).to(model.device)) for b in batches]
+            outputs = [
+                call_net(model.net, to_device(model.example_input(b), model.device))
+                for b in batches
+            ]
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if not outputs:
         raise LkflowError("Received: data with no batches. Pass a non-empty DataLoader.")
-    return torch.cat(outputs).cpu()
+    return to_device(concat(outputs), "cpu")
+
+
+def optimizers_of(model: LightModel) -> Any:
+    """What `configure_optimizers` returns: the optimizer (Adam with lr 1e-3 where the model has
+    none), or it and Lightning's scheduler dict, where `ReduceLROnPlateau` without a monitor
+    watches the fit's `monitor`."""
+    if model.optimizer is None:
+        model.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer, scheduler = model.optimizer, model.lr_scheduler
+    if scheduler is None:
+        return optimizer
+    scheduler = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+    plateau = isinstance(scheduler.get("scheduler"), torch.optim.lr_scheduler.ReduceLROnPlateau)
+    trainer = model._trainer  # None outside a Trainer
+    if plateau and "monitor" not in scheduler and trainer is not None:
+        best = [c for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)]
+        if best:
+            scheduler["monitor"] = best[0].monitor
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 def build_trainer(
