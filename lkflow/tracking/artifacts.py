@@ -70,15 +70,19 @@ def _leaves(item: Any) -> Iterator[bytes]:
 
 
 def summary_text(net: nn.Module, example: Any) -> str:
-    """The layer table of the net on the example's shape; "" without a tensor example, or
-    after one warning when the table cannot be made (the fit's other outputs do not need it)."""
-    if not isinstance(example, torch.Tensor) or example.ndim < 1:
+    """The layer table of the net on the example: a tensor's shape (batch shown as -1), or a
+    tuple's or dict's own shapes; "" without an example, or after one warning when the table
+    cannot be made (the fit's other outputs do not need it)."""
+    if example is None or (isinstance(example, torch.Tensor) and example.ndim < 1):
         return ""
-    from lkflow.summary_table import summary
+    from lkflow.summary_table import layer_table, summary
 
-    shape = tuple(example.shape[1:])
     with _missing("summary.txt", f"the layer table of {type(net).__name__}") as made:
-        made.append(str(summary(net, input_shape=shape, dtype=example.dtype, print_fn=None)))
+        if isinstance(example, torch.Tensor):
+            shape, dtype = tuple(example.shape[1:]), example.dtype
+            made.append(str(summary(net, input_shape=shape, dtype=dtype, print_fn=None)))
+        else:
+            made.append(layer_table(net, example))
     return made[0] if made else ""
 
 

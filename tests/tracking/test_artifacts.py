@@ -30,3 +30,23 @@ def test_artifacts(tracked: Tracked, tmp_path: Path) -> None:
     )
     assert (folder / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert "Total params: 115" in (folder / "summary.txt").read_text()
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(4, 3)
+        self.fc = torch.nn.Linear(2 + 3, 1)
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([x_num, self.emb(x_cat)], dim=-1))
+
+
+def test_the_summary_of_a_net_with_several_inputs_shows_their_real_shapes() -> None:
+    from lkflow.tracking.artifacts import summary_text
+
+    table = summary_text(_TwoInputs(), (torch.zeros(5, 2), torch.zeros(5, dtype=torch.long)))
+    assert "Embedding-1" in table and "[5, 3]" in table and "Linear-2" in table
+    assert "Total params: 18" in table
+    assert summary_text(_TwoInputs(), {"x_num": torch.zeros(2, 2), "x_cat": torch.ones(2).long()})
+    assert summary_text(_TwoInputs(), None) == ""
