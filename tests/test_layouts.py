@@ -342,9 +342,10 @@ def check_served(
 def tabular_fit(fit_in: Callable[..., Fitted]) -> Fitted:
     pl.seed_everything(0, verbose=False)
     example = _example("tabular")
-    train = DataLoader(tabular(1024, seed=1), batch_size=128, shuffle=True)
+    train = DataLoader(tabular(1024, seed=1), batch_size=64, shuffle=True)
     valid = DataLoader(tabular(200, seed=2), batch_size=128)
-    return fit_in(example.build_model(hidden=8, embedding=3), train, valid, name="tabular")
+    model = example.build_model(hidden=8, embedding=3, lr=0.05)
+    return fit_in(model, train, valid, name="tabular")
 
 
 def test_several_inputs_train_predict_and_serve_by_name(
