@@ -20,6 +20,7 @@ from lkflow.errors import LkflowError
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
+
 # losses whose target is a float tensor (as the predictions), and those of class indices
 _FLOAT_TARGETS = (
     nn.BCELoss,
@@ -35,6 +36,7 @@ _FLOAT_TARGETS = (
     nn.GaussianNLLLoss,
 )
 _INDEX_TARGETS = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)
+Metrics = torchmetrics.Metric | torchmetrics.MetricCollection
 
 
 def check_net(net: Any) -> None:
@@ -67,50 +69,70 @@ def step_values(values: Any) -> Mapping[str, Any]:
     return values
 
 
-def split_xy(batch: Any) -> tuple[Any, Any]:
-    """The `(x, y)` of a batch, for the default step; fails on any other layout."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    size = f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
-    raise LkflowError(
-        f"Received: a batch of type {type(batch).__name__}{size}. The default step expects "
-        "(x, y) pairs; yield them from the DataLoader, or override shared_step(batch)."
-    )
+def metric_dict(metrics: Any) -> Mapping[str, Any] | None:
+    """`metrics` as LightModel keeps them: a lone `MetricCollection` becomes `{"metrics": it}`."""
+    if isinstance(metrics, torchmetrics.MetricCollection):
+        return {"metrics": metrics}
+    return cast("Mapping[str, Any] | None", metrics)
 
 
-def input_of(batch: Any) -> torch.Tensor:
-    """The net's input in `batch`: the batch when it is a tensor, else its first item."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise LkflowError(
-        f"Received: a batch of type {type(batch).__name__}. Expected a tensor or (x, ...) "
-        "with x a tensor; override example_input(batch) to return the net's input."
-    )
+def stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Metrics]:
+    """Copies of the torchmetrics in `metrics` (one set per stage); rejects non-metrics.
 
-
-def stage_metrics(metrics: Mapping[str, Any] | None) -> dict[str, torchmetrics.Metric]:
-    """Copies of the torchmetrics in `metrics` (one set per stage); rejects non-metrics."""
+    A `MetricCollection` stays one: its values are logged under its own names (with its prefix
+    and postfix), not under its key in `metrics`.
+    """
     if metrics is None:
         return {}
     if not isinstance(metrics, Mapping):
         raise LkflowError(
             f"Received: metrics={metrics!r}. Expected a dict of name to metric, such as "
-            "{'acc': torchmetrics.classification.BinaryAccuracy()}."
+            "{'acc': torchmetrics.classification.BinaryAccuracy()}, or a MetricCollection."
         )
     for name, metric in metrics.items():
         if isinstance(metric, type) or not callable(metric):
             hint = f" Pass an instance: {metric.__name__}()." if isinstance(metric, type) else ""
             raise LkflowError(
                 f"Received: metrics[{name!r}]={metric!r}. Expected a torchmetrics.Metric "
-                f"instance or a function (preds, target) -> tensor.{hint}"
+                f"or MetricCollection instance, or a function (preds, target) -> tensor.{hint}"
             )
     return {name: copy.deepcopy(metric) for name, metric in metrics.items() if is_metric(metric)}
 
 
 def is_metric(value: Any) -> bool:
-    return isinstance(value, torchmetrics.Metric)
+    """Whether `value` is computed over the epoch: a torchmetrics Metric or MetricCollection."""
+    return isinstance(value, (torchmetrics.Metric, torchmetrics.MetricCollection))
+
+
+def logged_names(values: Mapping[str, Any]) -> list[str]:
+    """The keys that a step's `values` are logged under: a collection's own names for it."""
+    logged: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, torchmetrics.MetricCollection):
+            logged += [str(name) for name in value.keys(keep_base=False)]
+        else:
+            logged.append(key)
+    return logged
+
+
+def batch_values(
+    preds: Any, y: Any, loss_fn: nn.Module, metrics: nn.ModuleDict, functions: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The default step's values: the loss, the metrics updated with the batch, the functions;
+    a loss that refuses the target's dtype raises `loss_dtype_error`'s error."""
+    try:
+        values: dict[str, Any] = {"loss": loss_fn(preds, y)}
+    except RuntimeError as err:
+        explained = loss_dtype_error(loss_fn, preds, y, err)
+        if explained is None:
+            raise
+        raise explained from err
+    for name, metric in metrics.items():
+        cast(Metrics, metric).update(preds, y)
+        values[name] = metric
+    for name, function in functions.items():
+        values[name] = function(preds, y)
+    return values
 
 
 def check_finite(row: Mapping[str, float]) -> None:
@@ -145,9 +167,9 @@ def check_monitored_keys(trainer: pl.Trainer, values: Mapping[str, Any]) -> None
         values: What the first training step returned: the keys logged, and as `val_` keys
             when there is validation data, besides `lr`.
     """
-    logged = list(values)
+    logged = logged_names(values)
     if sum(trainer.num_val_batches or [0]) > 0:
-        logged += [f"val_{key}" for key in values]
+        logged += [f"val_{key}" for key in logged]
     logged += ["lr"]
     # in the order of trainer.callbacks, where Lightning puts checkpoints last
     for callback in [*trainer.early_stopping_callbacks, *trainer.checkpoint_callbacks]:

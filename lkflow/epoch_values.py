@@ -25,12 +25,16 @@ if TYPE_CHECKING:
 
 
 class EpochValues:
-    """Sums of `value * rows` and row counts on the device; read once per epoch."""
+    """Sums of `value * rows` and row counts on the device; read once per epoch.
+
+    Metrics and metric collections are computed by torchmetrics over the epoch (synced across
+    processes as torchmetrics syncs them); a collection gives its values under its own names.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
-        self.metrics: dict[str, torchmetrics.Metric] = {}
+        self.metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {}
 
     def reset(self) -> None:
         for metric in self.metrics.values():
@@ -39,7 +43,7 @@ class EpochValues:
 
     def add(self, values: Mapping[str, Any], rows: int) -> None:
         for key, value in values.items():
-            if isinstance(value, torchmetrics.Metric):
+            if isinstance(value, (torchmetrics.Metric, torchmetrics.MetricCollection)):
                 self.metrics[key] = value
                 continue
             weighted = _scalar(key, value).detach().float() * rows
@@ -60,7 +64,10 @@ class EpochValues:
             values = (totals[: len(keys)] / totals[len(keys) :]).tolist()
         computed = dict(zip(keys, values, strict=True))
         for key, metric in self.metrics.items():
-            computed[key] = float(metric.compute())
+            if isinstance(metric, torchmetrics.MetricCollection):  # under its own names
+                computed |= {name: float(value) for name, value in metric.compute().items()}
+            else:
+                computed[key] = float(metric.compute())
         self.reset()
         return {f"{prefix}{key}": value for key, value in computed.items()}
 

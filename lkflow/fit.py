@@ -6,11 +6,10 @@
 
 A fit's callbacks are the best checkpoint by `monitor`, `last.ckpt` after every epoch, the
 user's, early stopping, the line per epoch and the MLflow callback. Lightning's Trainer defaults
-suit a script; a Keras-style call wants less: no logger or layer table, checkpoint files whole
-or absent, Lightning's start-up chatter silenced, and Ctrl-C or SIGTERM reaching the caller as
-what they were. After a fit,
-what spawned or forked workers kept comes back into this process, and the best epoch's weights
-into the model.
+suit a script; a Keras-style call wants less: a logger only into the MLflow run, no layer table,
+checkpoint files whole or absent, Lightning's start-up chatter silenced, and Ctrl-C or SIGTERM
+reaching the caller as what they were. After a fit, what spawned or forked workers kept comes
+back into this process, and the best epoch's weights into the model.
 """
 
 from __future__ import annotations
@@ -18,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,9 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lkflow.batches import call_net, concat, to_device
 from lkflow.checkpoints import BestCheckpoint, CompleteCheckpointIO, LastCheckpoint
 from lkflow.checks import check_loader
 from lkflow.devices import Gpus, trainer_device_kwargs
@@ -55,6 +58,7 @@ class FitCallbacks:
     all: list[Callback]
     best: ModelCheckpoint
     tracker: MLflowCallback | None
+    logger: Logger  # into the tracker's run, else nowhere: for callbacks that need a logger
 
 
 def fit_callbacks(
@@ -67,22 +71,40 @@ def fit_callbacks(
     tracker: MLflowCallback | None,
 ) -> FitCallbacks:
     """The best checkpoint by `monitor` and `last.ckpt`, the user's `callbacks`, early stopping
-    with `patience`, the line per epoch with `verbose=2`, and the MLflow callback last."""
+    with `patience`, the line per epoch with `verbose=2`, and the MLflow callback last; the
+    Trainer's logger writes into the tracker's run (lkflow/tracking/logger.py), or nowhere."""
     best = BestCheckpoint(
         dirpath=os.fspath(ckpt_dir),
-        filename=f"{{epoch}}-{{{monitor}:.4f}}",
+        filename=checkpoint_filename(monitor),
         monitor=monitor,
         mode=mode,
         save_top_k=1,
+        auto_insert_metric_name=False,
     )
     every: list[Callback] = [best, LastCheckpoint(best), *callbacks]
     if patience is not None:
         every.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     if verbose == 2:
         every.append(EpochLogger())
+    logger: Logger = DummyLogger()
     if tracker is not None:
+        from lkflow.tracking.logger import RunLogger
+
         every.append(tracker)
-    return FitCallbacks(every, best, tracker)
+        logger = RunLogger(tracker)
+    return FitCallbacks(every, best, tracker, logger)
+
+
+def checkpoint_filename(monitor: str) -> str:
+    """The best checkpoint's file name pattern, such as `epoch={epoch}-val_f1_macro={...:.4f}`:
+    the monitor's name made safe for a file name (`val_f1/macro`, `acc@1`), its value as logged.
+
+    Example:
+        >>> checkpoint_filename("val_f1/macro")
+        'epoch={epoch}-val_f1_macro={val_f1/macro:.4f}'
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", monitor)
+    return f"epoch={{epoch}}-{safe}={{{monitor}:.4f}}"
 
 
 def fit_model(
@@ -96,9 +118,11 @@ def fit_model(
     trainer_kwargs: dict[str, Any],
 ) -> None:
     """Trains `model` with checked arguments, then leaves in it the history, the MLflow run id
-    and the best epoch's weights."""
+    and the best epoch's weights. Without `ckpt_path` the history starts empty."""
+    if ckpt_path is None:
+        model.history = []
     with quiet(verbose):
-        trainer = build_trainer(epochs, verbose, callbacks.all, trainer_kwargs)
+        trainer = build_trainer(epochs, verbose, callbacks.all, trainer_kwargs, callbacks.logger)
         if val_data is not None:
             val_data = each_row_once("val_data", val_data, trainer, trainer_kwargs)
         fit_passing_interrupts(trainer, model, train_data, val_data, ckpt_path=ckpt_path)
@@ -147,29 +171,55 @@ def evaluate_model(
     return {key.removeprefix("test_"): value for key, value in results.items()}
 
 
-def predict_outputs(
-    model: LightModel, data: DataLoader[Any] | Iterable[Any] | torch.Tensor
-) -> torch.Tensor:
-    """`model.predict(data)`: the net's outputs in eval mode, without gradients, on the CPU."""
+def predict_outputs(model: LightModel, data: DataLoader[Any] | Iterable[Any] | torch.Tensor) -> Any:
+    """`model.predict(data)`: the net's outputs in eval mode, without gradients, on the CPU,
+    in the structure the net returns; every module is left in the mode it was in."""
     batches = [data] if isinstance(data, torch.Tensor) else data
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            outputs = [model.net(model.example_input(b).to(model.device)) for b in batches]
+            outputs = [
+                call_net(model.net, to_device(model.example_input(b), model.device))
+                for b in batches
+            ]
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if not outputs:
         raise LkflowError("Received: data with no batches. Pass a non-empty DataLoader.")
-    return torch.cat(outputs).cpu()
+    return to_device(concat(outputs), "cpu")
+
+
+def optimizers_of(model: LightModel) -> Any:
+    """What `configure_optimizers` returns: the optimizer (Adam with lr 1e-3 where the model has
+    none), or it and Lightning's scheduler dict, where `ReduceLROnPlateau` without a monitor
+    watches the fit's `monitor`."""
+    if model.optimizer is None:
+        model.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer, scheduler = model.optimizer, model.lr_scheduler
+    if scheduler is None:
+        return optimizer
+    scheduler = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+    plateau = isinstance(scheduler.get("scheduler"), torch.optim.lr_scheduler.ReduceLROnPlateau)
+    trainer = model._trainer  # None outside a Trainer
+    if plateau and "monitor" not in scheduler and trainer is not None:
+        best = [c for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)]
+        if best:
+            scheduler["monitor"] = best[0].monitor
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 def build_trainer(
-    epochs: int, verbose: int, callbacks: list[Callback], kwargs: dict[str, Any]
+    epochs: int,
+    verbose: int,
+    callbacks: list[Callback],
+    kwargs: dict[str, Any],
+    logger: Logger | Literal[False] = False,
 ) -> pl.Trainer:
     options: dict[str, Any] = {
         "max_epochs": epochs,
-        "logger": False,
+        "logger": logger,
         "enable_model_summary": False,
         "enable_progress_bar": verbose == 1,
         "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -255,6 +305,7 @@ def quiet(verbose: int) -> Iterator[None]:
             "ignore", message=".*Checkpoint directory .* exists and is not empty.*"
         )
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         # epoch values are already summed across processes before they are logged
         warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
         for logger in loggers:

@@ -25,24 +25,31 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lkflow.batches import Choice, Inputs, call_net, inputs_of, split_batch
 from lkflow.checkpoints import check_loadable, mask_hparams, resume_path
 from lkflow.checks import (
+    batch_values,
     check_finite,
     check_fit_args,
     check_has_loss,
     check_monitor,
     check_monitored_keys,
     check_net,
-    input_of,
     is_metric,
-    loss_dtype_error,
-    split_xy,
+    metric_dict,
     stage_metrics,
     step_values,
 )
 from lkflow.devices import Gpus, trainer_device_kwargs
 from lkflow.epoch_values import EpochRows
-from lkflow.fit import evaluate_model, fit_callbacks, fit_model, predict_outputs, tracker_of
+from lkflow.fit import (
+    evaluate_model,
+    fit_callbacks,
+    fit_model,
+    optimizers_of,
+    predict_outputs,
+    tracker_of,
+)
 from lkflow.layers import naming_the_failing_layer
 
 if TYPE_CHECKING:
@@ -51,6 +58,7 @@ if TYPE_CHECKING:
 
 _STAGES = ("train", "val", "test")
 _NOT_HPARAMS = ["net", "loss_fn", "metrics", "optimizer", "lr_scheduler"]
+_Inputs = Choice | list[Choice] | tuple[Choice, ...] | None
 
 
 class LightModel(pl.LightningModule):
@@ -58,13 +66,19 @@ class LightModel(pl.LightningModule):
 
     Args:
         net: The network; `model.net` is this same object, and it leaves the wrapper untouched.
-        loss_fn: `loss_fn(preds, target)` for the default step. Defaults to None (then
-            override `shared_step`).
-        metrics: Name to `torchmetrics.Metric` (computed over each epoch) or to a function
-            `(preds, target) -> tensor` (averaged over the epoch's rows). Defaults to None.
+        loss_fn: `loss_fn(preds, target)` for the default step; `preds` is what the net returns
+            (a tuple or dict as is). Defaults to None (then override `shared_step`).
+        metrics: Name to `torchmetrics.Metric` or `MetricCollection` (computed over each
+            epoch; a collection under its own names) or to a function `(preds, target) ->
+            tensor` (averaged over the epoch's rows); or one `MetricCollection`. Defaults to None.
         optimizer: An optimizer over `net.parameters()`. Defaults to None (Adam, lr 1e-3).
         lr_scheduler: A scheduler of `optimizer`, or Lightning's dict
-            (`{"scheduler": ..., "interval": "step"}`). Defaults to None.
+            (`{"scheduler": ..., "interval": "step"}`); `ReduceLROnPlateau` without a monitor
+            watches the fit's `monitor`. Defaults to None.
+        inputs: The net's inputs in a batch: an index or key, or a list of them. Defaults to
+            None (all but the target).
+        target: The target's index or key, None for none, or "auto" (lkflow/batches.py's rule:
+            the last item of a tuple, a dict's "y"/"labels"/... key). Defaults to "auto".
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -78,9 +92,11 @@ class LightModel(pl.LightningModule):
         self,
         net: nn.Module,
         loss_fn: nn.Module | None = None,
-        metrics: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | torchmetrics.MetricCollection | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         lr_scheduler: Any = None,
+        inputs: _Inputs = None,
+        target: Choice | None = "auto",
     ) -> None:
         super().__init__()
         check_net(net)
@@ -88,52 +104,50 @@ class LightModel(pl.LightningModule):
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.train_metrics = nn.ModuleDict(stage_metrics(metrics))
-        self.val_metrics = nn.ModuleDict(stage_metrics(metrics))
-        self.test_metrics = nn.ModuleDict(stage_metrics(metrics))
-        self._functions = {k: v for k, v in (metrics or {}).items() if not is_metric(v)}
+        self.inputs, self.target = inputs, target
+        named = metric_dict(metrics)
+        self.train_metrics = nn.ModuleDict(stage_metrics(named))
+        self.val_metrics = nn.ModuleDict(stage_metrics(named))
+        self.test_metrics = nn.ModuleDict(stage_metrics(named))
+        self._functions = {k: v for k, v in (named or {}).items() if not is_metric(v)}
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
         self._epochs = EpochRows()
         self._first_steps = set(_STAGES)  # the stages yet to take their first step (see _step)
-        self.save_hyperparameters(ignore=_NOT_HPARAMS)
+        self.save_hyperparameters(ignore=_not_hparams(inputs, target))
         check_has_loss(loss_fn, own_step=_has_own_step(type(self)))
 
     @override
-    def forward(self, x: Any) -> Any:
-        return self.net(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.net(*args, **kwargs)
 
     def shared_step(self, batch: Any) -> dict[str, Any]:
-        """One batch's loss and metrics; the default uses `loss_fn` and `metrics` on `(x, y)`.
+        """One batch's loss and metrics: by default `loss_fn` and `metrics` on what the net
+        returns and the target, the batch split by `inputs` and `target`.
 
-        Override it for other batch layouts or losses. It must return a dict with a `"loss"`
-        key; other values are tensors (averaged over the epoch's rows) or `torchmetrics.Metric`
-        objects already updated with the batch (computed over the epoch).
+        Override it for other losses. It returns the batch's values, `{"loss": loss, **metrics}`:
+        tensors (averaged over the epoch's rows) or torchmetrics updated with the batch.
 
         Args:
             batch: One batch from the DataLoader.
-
-        Returns:
-            The batch's loss and metrics, such as `{"loss": loss, "acc": acc}`.
         """
         check_has_loss(self.loss_fn, own_step=False)
-        x, y = split_xy(batch)
-        preds = self(x)
+        x, y = split_batch(batch, inputs=self.inputs, target=self.target)
+        preds = call_net(self, x)
         metrics: nn.ModuleDict = getattr(self, f"{_stage_of(self.trainer)}_metrics")
-        return _batch_values(preds, y, cast(nn.Module, self.loss_fn), metrics, self._functions)
+        return batch_values(preds, y, cast(nn.Module, self.loss_fn), metrics, self._functions)
 
-    def example_input(self, batch: Any) -> torch.Tensor:
-        """The net's input in `batch`: `batch[0]` of a tuple or list, or the batch itself.
-
-        `predict` and the MLflow model's input example use it; override it for other layouts.
+    def example_input(self, batch: Any) -> Inputs:
+        """The net's inputs in `batch`, by `inputs` and `target`; `predict`, `summary` and the
+        MLflow model's input example use it.
 
         Args:
-            batch: One batch from a DataLoader.
+            batch: One batch from a DataLoader; a batch without a target is inputs whole.
 
         Returns:
-            The input tensor.
+            A tensor (`net(x)`), a tuple (`net(*x)`) or a dict of tensors (`net(**x)`).
         """
-        return input_of(batch)
+        return inputs_of(batch, inputs=self.inputs, target=self.target)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -190,7 +204,7 @@ class LightModel(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        return _optimizers(self)
+        return optimizers_of(self)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -228,8 +242,7 @@ class LightModel(pl.LightningModule):
             The model, with the history of the fit that wrote the checkpoint.
 
         Raises:
-            LkflowError: Without `net`, or for a file that is not a complete lkflow
-                checkpoint (empty, cut short, or of another program).
+            LkflowError: Without `net`, or for a file not a whole lkflow checkpoint.
 
         Example:
             >>> clone = Model.load_from_checkpoint(path, net=Net())  # doctest: +SKIP
@@ -272,7 +285,8 @@ class LightModel(pl.LightningModule):
                 `val_loss`, or `loss` without validation data.
             mode: "min" or "max" for `monitor`. Defaults to "min".
             patience: Stop after this many epochs without improvement. Defaults to None.
-            ckpt_path: A checkpoint to resume from, or "last". Defaults to None.
+            ckpt_path: A checkpoint to resume from, with its history, or "last". Defaults to
+                None: a new fit, with a history and MLflow run of its own, even if fitted before.
             ckpt_dir: Where checkpoints go. Defaults to "checkpoints".
             callbacks: More Lightning callbacks. Defaults to ().
             verbose: 0 quiet, 1 Lightning's progress bar, 2 one line per epoch. Defaults to 2.
@@ -289,9 +303,8 @@ class LightModel(pl.LightningModule):
 
         Returns:
             The history, one row per epoch. With several processes, the `val_` values are over
-            every validation row once; the training values are over the rows trained on,
-            which Lightning's sampler pads with up to one repeated row per process so that
-            all processes take the same number of steps.
+            every validation row once; the training values over the rows trained on (Lightning's
+            sampler repeats up to one row per process so that all take as many steps).
 
         Example:
             >>> history = model.fit(dl_train, dl_valid, epochs=10, gpus=0)  # doctest: +SKIP
@@ -317,8 +330,7 @@ class LightModel(pl.LightningModule):
             **trainer_kwargs: Passed to `pl.Trainer`.
 
         Returns:
-            `{"loss": ..., **metrics}`, each over every row of `data` (once, also when
-            several processes share the rows).
+            `{"loss": ..., **metrics}`, each over every row of `data` once.
 
         Example:
             >>> model.evaluate(dl_valid)  # doctest: +SKIP
@@ -326,15 +338,16 @@ class LightModel(pl.LightningModule):
         """
         return evaluate_model(self, data, gpus, trainer_kwargs)
 
-    def predict(self, data: DataLoader[Any] | Iterable[Any] | torch.Tensor) -> torch.Tensor:
-        """The net's outputs, batches concatenated, on the CPU.
+    def predict(self, data: DataLoader[Any] | Iterable[Any] | torch.Tensor) -> Any:
+        """The net's outputs in eval mode, batches concatenated, on the CPU; the wrapper and
+        every module of the net are left in the train or eval mode they were in.
 
         Args:
-            data: A DataLoader (inputs are `batch[0]`, or the batch itself when it is a
-                tensor), any iterable of such batches, or one input tensor.
+            data: A DataLoader (inputs found by `example_input`), any iterable of batches,
+                or one input tensor.
 
         Returns:
-            The outputs of `model.net`, without gradients.
+            What `model.net` returns, without gradients: a tensor, or a tuple or dict of them.
 
         Example:
             >>> probabilities = torch.sigmoid(model.predict(dl_valid))  # doctest: +SKIP
@@ -342,33 +355,16 @@ class LightModel(pl.LightningModule):
         return predict_outputs(self, data)
 
     def history_frame(self) -> pd.DataFrame:
-        """The history as a DataFrame, one row per epoch.
-
-        Returns:
-            Columns `epoch`, the train keys, the `val_` keys and `lr`.
-        """
+        """The history, one row per epoch: `epoch`, the train keys, the `val_` keys, `lr`."""
         import pandas as pd
 
         return pd.DataFrame(self.history)
 
 
-def _batch_values(
-    preds: Any, y: Any, loss_fn: nn.Module, metrics: nn.ModuleDict, functions: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The default step's values: the loss, the metrics updated with the batch, the functions."""
-    try:
-        values: dict[str, Any] = {"loss": loss_fn(preds, y)}
-    except RuntimeError as err:
-        explained = loss_dtype_error(loss_fn, preds, y, err)
-        if explained is None:
-            raise
-        raise explained from err
-    for name, metric in metrics.items():
-        cast(torchmetrics.Metric, metric).update(preds, y)
-        values[name] = metric
-    for name, function in functions.items():
-        values[name] = function(preds, y)
-    return values
+def _not_hparams(inputs: _Inputs, target: Choice | None) -> list[str]:
+    """The constructor arguments kept out of the hyperparameters: the modules, and the batch
+    layout where it is the default rule (a layout of one's own is saved, and restored on load)."""
+    return _NOT_HPARAMS + ["inputs"] * (inputs is None) + ["target"] * (target == "auto")
 
 
 def _stage_of(trainer: pl.Trainer) -> str:
@@ -379,15 +375,3 @@ def _has_own_step(cls: type[LightModel]) -> bool:
     """Whether `cls` computes the loss itself: it defines shared_step or training_step anew."""
     steps = ("shared_step", "training_step")
     return any(getattr(cls, name) is not getattr(LightModel, name) for name in steps)
-
-
-def _optimizers(model: LightModel) -> Any:
-    """What `configure_optimizers` returns: the optimizer (Adam with lr 1e-3 where the model has
-    none), or it and Lightning's scheduler dict."""
-    if model.optimizer is None:
-        model.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    optimizer, scheduler = model.optimizer, model.lr_scheduler
-    if scheduler is None:
-        return optimizer
-    scheduler = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
-    return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lkflow.batches import Inputs, call_net
 from lkflow.errors import LkflowError
 from lkflow.layers import first_layer, layer_hooks
+from lkflow.structures import describe, to_device
 
 _MB = 1024**2
 # Rows fed to the forward pass for input_shape: 2 like torchsummary, so batch statistics exist.
@@ -130,7 +132,7 @@ def summary(
     model: nn.Module,
     input_shape: tuple[int, ...] | None = None,
     *,
-    input_data: torch.Tensor | None = None,
+    input_data: Inputs | None = None,
     batch_size: int = -1,
     dtype: torch.dtype = torch.float32,
     print_fn: Callable[[str], Any] | None = print,
@@ -148,8 +150,9 @@ def summary(
         input_shape: Shape of one sample without the batch dimension, e.g. ``(2,)`` or
             ``(3, 32, 32)``; a random batch of 2 such samples is fed. Defaults to None (then pass
             ``input_data``).
-        input_data: A real input batch, fed as is; the table then shows its real shapes.
-            Defaults to None.
+        input_data: A real input batch, fed as is: a tensor (``model(x)``), a tuple
+            (``model(*x)``) or a dict of tensors (``model(**x)``), as ``LightModel.example_input``
+            returns; the table then shows its real shapes. Defaults to None.
         batch_size: Batch size shown as the leading output dimension and used for the size estimates
             with ``input_shape``; -1 shows ``-1`` and sizes for one sample. Defaults to -1.
         dtype: Dtype of the random input built from ``input_shape``, e.g. ``torch.long`` for an
@@ -187,13 +190,28 @@ def summary(
     return result
 
 
+def layer_table(net: nn.Module, example: Inputs | None) -> str:
+    """The layer table of `net` run on `example`, a batch of its inputs of any structure (a
+    tensor, a tuple or a dict of tensors, as `LightModel.example_input` returns), with the
+    example's own shapes; "" without an example. Errors as in `summary`.
+
+    Example:
+        >>> net = nn.Bilinear(2, 3, 1)
+        >>> "Bilinear-1" in layer_table(net, (torch.ones(4, 2), torch.ones(4, 3)))
+        True
+    """
+    if example is None:
+        return ""
+    return str(summary(net, input_data=example, print_fn=None))
+
+
 def _prepare_input(
     model: nn.Module,
     input_shape: tuple[int, ...] | None,
-    input_data: torch.Tensor | None,
+    input_data: Inputs | None,
     batch_size: int,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, _Trace, int]:
+) -> tuple[Inputs, _Trace, int]:
     """Input batch on the model's device, an empty trace, and the input size in bytes."""
     if batch_size != -1 and batch_size < 1:
         raise LkflowError(
@@ -207,11 +225,12 @@ def _prepare_input(
         input_bytes = math.prod(shape) * abs(batch_size) * dtype.itemsize
         return inputs, _Trace(_RUN_BATCH, batch_size), input_bytes
     if input_shape is None:
-        inputs = input_data.to(device)
-        return inputs, _Trace(None, batch_size), inputs.numel() * inputs.element_size()
+        data = to_device(input_data, device)
+        size = sum(t.numel() * t.element_size() for t in _tensors(data))
+        return data, _Trace(None, batch_size), size
     raise LkflowError(
         f"summary() takes input_shape or input_data, not both; received "
-        f"input_shape={input_shape!r} and input_data of shape {tuple(input_data.shape)}. "
+        f"input_shape={input_shape!r} and input_data {describe(input_data)}. "
         f"Pass only one of them."
     )
 
@@ -242,15 +261,14 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
-def _traced_forward(
-    model: nn.Module, inputs: torch.Tensor, trace: _Trace, input_shape: Any
-) -> None:
-    """Call ``model(inputs)`` in eval mode under no_grad, hooks recording rows into ``trace``."""
+def _traced_forward(model: nn.Module, inputs: Inputs, trace: _Trace, input_shape: Any) -> None:
+    """Call ``model`` with ``inputs`` (a tensor, tuple or dict, as ``call_net`` does) in eval mode
+    under no_grad, hooks recording rows into ``trace``."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with layer_hooks(_table_layers(model), trace.enter, trace.record), torch.no_grad():
-            model(inputs)
+            call_net(model, inputs)
     except _FORWARD_ERRORS as err:
         raise LkflowError(_forward_error(model, inputs, trace, input_shape, err)) from err
     finally:
@@ -288,7 +306,7 @@ def _shown_shape(tensor: torch.Tensor, trace: _Trace) -> Shape:
 
 
 def _forward_error(
-    model: nn.Module, inputs: torch.Tensor, trace: _Trace, input_shape: Any, err: Exception
+    model: nn.Module, inputs: Inputs, trace: _Trace, input_shape: Any, err: Exception
 ) -> str:
     """Message for a failed forward pass: the input, the failing layer, the cause, and the fix."""
     given = f"input_shape={input_shape!r}" if input_shape is not None else "input_data"
@@ -299,8 +317,8 @@ def _forward_error(
     else:
         where = "before the first layer"
     return (
-        f"summary() could not run the model on {given} (a batch of shape "
-        f"{tuple(inputs.shape)}): it failed {where} with {type(err).__name__}: {err}. "
+        f"summary() could not run the model on {given} (a batch "
+        f"{describe(inputs)}): it failed {where} with {type(err).__name__}: {err}. "
         f"Pass input_shape as the shape of one sample without the batch dimension, matching "
         f"the model's first layer{_first_layer_hint(model)}, or pass input_data=<a real input "
         f"batch>."

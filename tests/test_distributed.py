@@ -70,6 +70,18 @@ train = DataLoader(rings({TRAIN_ROWS}, seed=1), batch_size={BATCH}, shuffle=True
 val = DataLoader(rings({VAL_ROWS}, seed=2), batch_size={BATCH})
 still = model(lr=0.0)  # weights never move: every value is checkable afterwards
 still_history = still.fit(train, val, epochs=1, ckpt_dir=out / "still", **ddp)
+pl.seed_everything(0, verbose=False)
+collected = LightModel(
+    Net(),
+    loss_fn=nn.BCEWithLogitsLoss(),
+    metrics=torchmetrics.MetricCollection(
+        {{"acc": torchmetrics.classification.BinaryAccuracy(),
+          "auroc": torchmetrics.classification.BinaryAUROC()}},
+        prefix="c_",
+    ),
+)
+collected.optimizer = torch.optim.SGD(collected.net.parameters(), lr=0.0)
+collected_history = collected.fit(train, val, epochs=1, ckpt_dir=out / "collected", **ddp)
 moving = model(lr=0.5)
 history = moving.fit(train, val, epochs=3, ckpt_dir=out / "moving", **ddp)
 best = moving.trainer.checkpoint_callback.best_model_path
@@ -83,6 +95,8 @@ result = dict(
     world_size=torch.distributed.get_world_size(),
     still_history=still_history.to_dict("records"),
     still_state=still.net.state_dict(),
+    collected_history=collected_history.to_dict("records"),
+    collected_state=collected.net.state_dict(),
     history=history.to_dict("records"),
     best=best,
     state=moving.net.state_dict(),
@@ -334,6 +348,20 @@ def test_epoch_values_are_over_the_whole_data_set_on_every_rank(lightning_run):
     single = _single_process(lightning_run[0]["still_state"])
     assert row["val_loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert row["val_acc"] == pytest.approx(single["acc"], rel=1e-6)
+
+
+def test_a_metric_collection_is_over_every_validation_row_on_every_rank(lightning_run):
+    net = Net()
+    net.load_state_dict(lightning_run[0]["collected_state"])
+    x, y = rings(VAL_ROWS, seed=2).tensors
+    with torch.no_grad():
+        logits = net(x)
+    acc = torchmetrics.classification.BinaryAccuracy()(logits, y).item()
+    auroc = torchmetrics.classification.BinaryAUROC()(logits, y).item()
+    for rank in lightning_run:
+        (row,) = rank["collected_history"]
+        assert row["val_c_acc"] == pytest.approx(acc, rel=1e-6)
+        assert row["val_c_auroc"] == pytest.approx(auroc, rel=1e-6)
 
 
 def test_training_values_are_over_the_rows_trained_on_with_the_repeated_row(lightning_run):

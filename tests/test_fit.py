@@ -152,3 +152,44 @@ def test_sigterm_ends_the_run_killed_and_the_process_promptly_non_zero(
     assert len(saved) >= 2 and saved == list(range(len(saved)))
     for key in ("loss", "val_loss", "lr"):
         assert steps(client, run.info.run_id, key) == saved, key
+
+
+# ---- a second fit, and names that are no file names ----------------------------------------
+
+
+def test_a_second_fit_starts_a_history_and_a_run_of_its_own(loaders, tracking_uri):
+    train, valid = loaders
+    model = keras_model()
+    first = model.fit(train, valid, epochs=2, gpus=0, verbose=0, registered_model_name=False)
+    first_run = model.run_id
+    second = model.fit(train, valid, epochs=2, gpus=0, verbose=0, registered_model_name=False)
+
+    assert list(first["epoch"]) == [0, 1] and list(second["epoch"]) == [0, 1]
+    assert second.equals(model.history_frame())
+    loss, _ = full_pass(model.net, valid)  # the best epoch's weights, restored
+    assert min(second["val_loss"]) == pytest.approx(loss, rel=1e-5)
+    client = MlflowClient(tracking_uri)
+    assert model.run_id != first_run
+    for run_id, history in ((first_run, first), (model.run_id, second)):
+        assert steps(client, run_id, "val_loss") == [0, 1]
+        logged = sorted(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)
+        assert [m.value for m in logged] == pytest.approx(history["val_loss"].tolist())
+
+
+@pytest.mark.parametrize(
+    ("name", "safe"), [("f1/macro", "val_f1_macro"), ("acc@1", "val_acc_1")], ids=["slash", "at"]
+)
+def test_a_monitor_with_a_slash_or_at_names_a_checkpoint_file_with_its_epoch(loaders, name, safe):
+    def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((logits > 0).float() == y).float().mean()
+
+    train, valid = loaders
+    model = lkflow.LightModel(
+        keras_model().net, loss_fn=torch.nn.BCEWithLogitsLoss(), metrics={name: accuracy}
+    )
+    history = fit_quietly(model, train, valid, epochs=2, monitor=f"val_{name}", mode="max")
+
+    files = sorted(p.relative_to("checkpoints").as_posix() for p in Path("checkpoints").rglob("*"))
+    best = int(history[f"val_{name}"].idxmax())
+    value = history[f"val_{name}"][best]
+    assert files == sorted([f"epoch={best}-{safe}={value:.4f}.ckpt", "last.ckpt"])

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lkflow.summary_table import LayerRow, Summary, summary
+from lkflow.errors import LkflowError
+from lkflow.summary_table import LayerRow, Summary, layer_table, summary
 
 
 class ArticleNet(nn.Module):
@@ -291,3 +292,39 @@ def test_modes_are_restored_when_the_forward_pass_fails() -> None:
 
     assert all(module.training for module in net.modules())
     assert summary(net, input_shape=(2,), print_fn=None).total_params == 115
+
+
+class TwoInputs(nn.Module):
+    """`forward(x_num, x_cat)`: numeric features and an embedded category."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.fc = nn.Linear(7, 2)
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([x_num, self.embed(x_cat)], dim=1))
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_input_data_may_be_a_tuple_or_a_dict_of_the_nets_inputs(as_dict: bool) -> None:
+    x_num, x_cat = torch.randn(6, 4), torch.randint(0, 5, (6,))
+    data = {"x_cat": x_cat, "x_num": x_num} if as_dict else (x_num, x_cat)
+    result = summary(TwoInputs(), input_data=data, print_fn=None)
+
+    assert [(row.name, row.output_shape) for row in result.layers] == [
+        ("Embedding-1", [6, 3]),
+        ("Linear-2", [6, 2]),
+    ]
+    assert result.total_params == 5 * 3 + 7 * 2 + 2
+    expected_bytes = x_num.numel() * 4 + x_cat.numel() * 8
+    assert result.input_size_mb == pytest.approx(expected_bytes / 1024**2)
+    assert "Embedding-1" in layer_table(TwoInputs(), data)
+    assert layer_table(TwoInputs(), None) == ""
+
+
+def test_a_structure_that_does_not_fit_the_net_is_described_in_the_error() -> None:
+    with pytest.raises(
+        LkflowError, match=r"input_data \(a batch tuple of 1: Tensor\(6, 4\) float32\)"
+    ):
+        summary(TwoInputs(), input_data=(torch.randn(6, 4),), print_fn=None)

@@ -8,7 +8,10 @@
     metrics.py    the history's rows as metric points at step=epoch, and the best epoch's
     outbox.py     the writes kept on disk while the server is away, and `sync_run`
     artifacts.py  the files a fit leaves: history, curves, summary, datasets, checkpoints
-    export.py     the servable model: torch.export, else a pickle with the net's code
+    export.py     the servable model by the net's layout, checked on its input example
+    served.py     the pyfunc of a torch.export program, for nets of several inputs or outputs
+    served_model.py  that pyfunc's self-contained loader, copied into each such model
+    logger.py     the Trainer's logger, into the fit's run, for callbacks that need one
     registry.py   registration, its tag names, the best version and its example request
     params.py     what a fit is configured with, made MLflow-safe
     store.py      tracking URIs, reachability, retries, the sqlite lock

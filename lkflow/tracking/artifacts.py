@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,14 +69,33 @@ def _leaves(item: Any) -> Iterator[bytes]:
         yield repr(item).encode()
 
 
-def summary_text(net: nn.Module, example: torch.Tensor | None) -> str:
-    """The layer table of the net on the example's shape, or "" without an example."""
-    if example is None or example.ndim < 1:
+def summary_text(net: nn.Module, example: Any) -> str:
+    """The layer table of the net on the example's shape; "" without a tensor example, or
+    after one warning when the table cannot be made (the fit's other outputs do not need it)."""
+    if not isinstance(example, torch.Tensor) or example.ndim < 1:
         return ""
     from lkflow.summary_table import summary
 
     shape = tuple(example.shape[1:])
-    return str(summary(net, input_shape=shape, dtype=example.dtype, print_fn=None))
+    with _missing("summary.txt", f"the layer table of {type(net).__name__}") as made:
+        made.append(str(summary(net, input_shape=shape, dtype=example.dtype, print_fn=None)))
+    return made[0] if made else ""
+
+
+@contextlib.contextmanager
+def _missing(file: str, what: str) -> Iterator[list[str]]:
+    """An end-of-fit file that fails to be made is left out, with one warning naming it: a fit
+    that trained never fails for it."""
+    made: list[str] = []
+    try:
+        yield made
+    except Exception as err:  # whatever the failure, only this file is missing
+        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+        warnings.warn(
+            f"The run has no {file}: {what} could not be made ({reason}). Everything else is "
+            "logged and registered.",
+            stacklevel=4,
+        )
 
 
 def datasets_write(trainer: pl.Trainer) -> InputsWrite | None:
@@ -142,6 +162,7 @@ def write_artifacts(
             writer.writerows(history)
         from lkflow.plots import plot_history
 
-        plot_history(list(history)).savefig(folder / "curves.png", dpi=100)
+        with _missing("curves.png", "the history's curves"):
+            plot_history(list(history)).savefig(folder / "curves.png", dpi=100)
     if table:
         (folder / "summary.txt").write_text(table + "\n")

@@ -11,9 +11,12 @@ What one fit logs, all through `MlflowClient` calls naming the run, from rank ze
   first reads which steps its run holds, and logs only the rows of the others.
 - inputs: the training and validation sets (rows, digest).
 - artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
-  of the bare net), `history.csv`, `curves.png`, `summary.txt`.
-- the model: the bare net with the best weights, exported with torch.export (a pickle with
-  the net's code where export fails), linked to the run and registered with tags.
+  of the bare net), `history.csv`, `curves.png`, `summary.txt`; one of these extras that
+  cannot be made is left out with a warning, and the fit still finishes.
+- the model: the bare net with the best weights, exported with torch.export by its layout (a
+  pickle with the net's code where export fails), linked to the run, and registered with tags
+  once it answers its input example (the first batch's rows, whatever `example_input` returns).
+- what Lightning callbacks log through the Trainer's logger (logger.py), at their steps.
 
 A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
@@ -51,9 +54,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
-import torch
 from typing_extensions import override
 
+from lkflow.batches import head, to_device
 from lkflow.checks import check_registered_model_name
 from lkflow.errors import LkflowError
 from lkflow.tracking.artifacts import (
@@ -85,6 +88,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+    from lkflow.batches import Inputs
 
 _EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input example
 
@@ -156,7 +161,7 @@ class MLflowCallback(pl.Callback):
         self._found: FoundRun | None = None  # what the fit read at its start
         self._writer: Writer | None = None  # the fit's writer, from fit start
         self._rows = MetricRows()
-        self._example: torch.Tensor | None = None
+        self._example: Inputs | None = None
         self._example_done = False
         self._outbox_root = Path(self.outbox_dir)
 
@@ -231,9 +236,9 @@ class MLflowCallback(pl.Callback):
         try:
             inputs = example_input(batch)
         except LkflowError:
-            return  # a batch layout without one input tensor: no example, a pickled model
-        if isinstance(inputs, torch.Tensor):
-            self._example = inputs[:_EXAMPLE_ROWS].detach().clone()  # stays on the device
+            return  # a batch layout without inputs: no example, a model that is not registered
+        with contextlib.suppress(LkflowError):  # not tensors: no example either
+            self._example = head(inputs, _EXAMPLE_ROWS)  # stays on the device until the end
 
     @override
     def on_train_batch_end(
@@ -299,6 +304,11 @@ class MLflowCallback(pl.Callback):
 
     # ---- the run -----------------------------------------------------------------------
 
+    @property
+    def writer_(self) -> Writer | None:
+        """The writes of the fit under way go through it (RunLogger's too); None before."""
+        return self._writer
+
     def _open(self) -> tuple[Writer, TrackedRun] | None:
         """The fit's writer and its run, the run created or reopened now if it is not yet;
         None before the fit started."""
@@ -337,24 +347,28 @@ class MLflowCallback(pl.Callback):
         """Artifacts, the bare net with the best weights as an MLflow model, best metrics."""
         best = best_checkpoint(trainer, _history(pl_module))
         net = best_net(pl_module, best.state_dict)
-        example = None if self._example is None else self._example.cpu()
+        example = None if self._example is None else to_device(self._example, "cpu")
         table = summary_text(net, example)
         with fit_files(_history(pl_module), net, table) as files:
             writer.send(files)
         checkpoints = checkpoints_write(trainer, last=False)
         if checkpoints is not None:
             writer.send(checkpoints)
+        logged = False
         if self.log_model:
             ids = (run.run_id, run.experiment_id)
-            with saved_model(net, example, *ids, run.params, best.epoch) as model:
-                model_id = writer.send(model)
+            with saved_model(net, example, *ids, run.params, best.epoch) as (model, servable):
+                model_id = None if model is None else writer.send(model)
+            logged = model is not None
             self.model_uri_ = None if model_id is None else f"models:/{model_id}"
             name = registered_name(
                 self.registered_model_name, self.log_model, run.experiment_name, type(net).__name__
             )
-            if name is not None:
-                self.model_version_ = writer.send(registration(name, best, run.run_id, table))
-        self._rows.log_best(writer, best, _history(pl_module), to_model=self.log_model)
+            if name is not None and servable:
+                key = self._rows.key_of(best.monitor)
+                version = registration(name, best, run.run_id, table, key)
+                self.model_version_ = writer.send(version)
+        self._rows.log_best(writer, best, _history(pl_module), to_model=logged)
 
 
 @contextlib.contextmanager

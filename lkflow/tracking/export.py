@@ -4,9 +4,18 @@
     with saved_model(net, example, run_id, experiment_id, params, step) as write:
         model_id = writer.send(write)  # a LoggedModel of the run
 
-The net is exported with torch.export (MLflow's "pt2" format) on the first batch's rows; a net
-that cannot be exported, or a fit without an input tensor, gets a pickle with the net's code
-instead, and a warning that says so.
+The model follows the net's layout, read from the input example (`example_input` of the first
+batch, a few rows) and the net's outputs for it:
+- one tensor in, one tensor out: MLflow's pytorch flavor, the net exported with torch.export
+  (its "pt2" format); a request `{"inputs": [[...], ...]}` answers `{"predictions": [...]}`;
+- any other net (a tuple or a dict of inputs, a tuple or a dict of outputs): a pyfunc model of
+  the net's torch.export program with named inputs and outputs (lkflow/tracking/served.py); a
+  request `{"inputs": {"x_num": [...], "x_cat": [...]}}` answers
+  `{"predictions": {"logits": [...], "prob": [...]}}`, a single output as one array.
+A net that torch.export cannot trace gets a pickle of the pytorch flavor with the net's code
+instead, and a warning that says so. Every saved model is loaded back and asked its input
+example (`served.answers_its_example`) before the fit registers it: one that does not answer
+with the net's own outputs is logged but not registered, with one warning saying why.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from lkflow.errors import LkflowError
+from lkflow.tracking import served
 from lkflow.tracking.store import is_unreachable
 
 if TYPE_CHECKING:
@@ -30,6 +41,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from torch import nn
 
+    from lkflow.batches import Inputs
     from lkflow.tracking.writes import ModelWrite, State
 
 
@@ -54,20 +66,34 @@ def best_net(
 @contextlib.contextmanager
 def saved_model(
     net: nn.Module,
-    example: torch.Tensor | None,
+    example: Inputs | None,
     run_id: str,
     experiment_id: str,
     params: dict[str, str],
     step: int,
-) -> Iterator[ModelWrite]:
+) -> Iterator[tuple[ModelWrite | None, bool]]:
     """The write that logs `net` as an MLflow model of the run at epoch `step` (a LoggedModel
-    with the run's `params`); the saved model is there while the block runs."""
+    with the run's `params`), and whether it may be registered: True when the saved model
+    answers its input example with the net's outputs. The saved model is there while the block
+    runs. A model that cannot be saved at all is None, after a warning."""
     from mlflow.models import Model
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model"
-        save_model(net, example, path, Model(run_id=run_id))
-        yield {
+        try:
+            servable = save_model(net, example, path, Model(run_id=run_id))
+        except Exception as err:  # an end-of-fit extra: the fit that trained still finishes
+            warnings.warn(
+                f"The run has no MLflow model of {type(net).__name__}, and nothing is registered: "
+                f"saving it failed ({_first_line(err)}). Everything else is logged; the weights "
+                "are in the run's net/state_dict.pt.",
+                stacklevel=3,
+            )
+            servable = None
+        if servable is None:
+            yield None, False
+            return
+        write: ModelWrite = {
             "op": "model",
             "path": str(path),
             "experiment_id": experiment_id,
@@ -75,6 +101,7 @@ def saved_model(
             "step": step,
             "model_id": None,
         }
+        yield write, servable
 
 
 def log_model(client: MlflowClient, run_id: str, write: ModelWrite, state: State) -> str:
@@ -112,35 +139,114 @@ def _stamp(folder: Path, artifact_location: str, model_id: str) -> None:
     model.save(folder / "MLmodel")
 
 
-def save_model(net: nn.Module, example: torch.Tensor | None, path: Path, mlflow_model: Any) -> None:
-    """The net saved as an MLflow model: torch.export (pt2), or a pickle where export fails."""
+def save_model(net: nn.Module, example: Inputs | None, path: Path, mlflow_model: Any) -> bool:
+    """The net saved as an MLflow model by its layout (see the module's docstring), a pickle
+    where torch.export fails; True when the saved model answers its example with the net's
+    outputs, else False after one warning that says why and what to change."""
+    name = type(net).__name__
+    if example is None:
+        _save_pickle(net, None, path, mlflow_model)
+        _warn_unregistered(
+            name,
+            "the fit took no input example from the first batch",
+            "override example_input(batch) to return what the net takes from a batch",
+        )
+        return False
+    try:
+        expected = served.net_outputs(net, example)
+        flavor = served.served_flavor(example, expected)
+    except Exception as err:  # the net's own error on its example, whatever its kind
+        _save_pickle(net, None, path, mlflow_model)
+        _warn_unregistered(name, f"it fails on its input example ({_first_line(err)})", _FIX)
+        return False
+    reason = _save_exported(net, example, flavor, path, mlflow_model)
+    if reason is not None and flavor == "pyfunc":  # a pickle takes one array: it cannot serve
+        _save_pickle(net, None, path, mlflow_model)
+        why = f"torch.export could not export it ({reason}), and its pickle takes one array"
+        _warn_unregistered(name, why, _FIX)
+        return False
+    if reason is not None:
+        _save_pickle(net, cast("torch.Tensor", example), path, mlflow_model)
+        warnings.warn(
+            f"torch.export could not export {name} ({reason}). The MLflow model is a pickle "
+            f"fallback with the net's code{_PICKLE_LOADING} To get an exported model instead, "
+            "make the net trace with torch.export (no Python branch on tensor values or on "
+            "the batch size) and have example_input(batch) return what the net takes.",
+            stacklevel=3,
+        )
+    answer = served.answers_its_example(path, example, expected)
+    if answer is not None:
+        why = f"the saved model does not answer its input example: {answer}"
+        _warn_unregistered(name, why, _FIX)
+    return answer is None
+
+
+_FIX = (
+    "make example_input(batch) return what the net takes (a tensor, a tuple or a dict of "
+    "tensors), the net return a tensor, a tuple or a dict of tensors, and its forward trace "
+    "with torch.export"
+)
+_PICKLE_LOADING = (
+    ". MLflow loads it as it is (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false refuses it); "
+    "unpickling runs code, so load it only from a source you trust."
+)
+
+
+def _warn_unregistered(net_name: str, why: str, fix: str) -> None:
+    warnings.warn(
+        f"The MLflow model of {net_name} is logged but not registered: {why}. Its weights are "
+        f"in the run's net/state_dict.pt. Fix: {fix}.",
+        stacklevel=4,
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+
+
+def _save_exported(
+    net: nn.Module, example: Inputs, flavor: str, path: Path, mlflow_model: Any
+) -> str | None:
+    """The net exported with torch.export in the model of its flavor; None when saved, else why
+    not (nothing is left at `path` then)."""
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    example_array = None if example is None else example.numpy()
-    options = {
-        "mlflow_model": mlflow_model,
-        "input_example": example_array,
-        "pip_requirements": _requirements(),
-    }
-    if example_array is not None:
-        try:
-            mlflow.pytorch.save_model(net, path, serialization_format="pt2", **options)
-            _load_on_cpu(path)
-            return
-        except (RuntimeError, MlflowException) as err:  # torch.export could not trace the net
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+    try:
+        if flavor == "pyfunc":
+            served.save_structured_model(
+                net, example, path, pip_requirements=_requirements(), mlflow_model=mlflow_model
+            )
+            return None
+        mlflow.pytorch.save_model(
+            net,
+            path,
+            serialization_format="pt2",
+            mlflow_model=mlflow_model,
+            input_example=example.numpy(),  # type: ignore[union-attr]
+            pip_requirements=_requirements(),
+        )
+        _load_on_cpu(path)
+        return None
+    except (RuntimeError, MlflowException, LkflowError) as err:  # torch.export failed to trace
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        reason = "the first batch has no input tensor to export with"
-    warnings.warn(
-        f"torch.export could not export {type(net).__name__} ({reason}). The MLflow model is "
-        "a pickle fallback with the net's code; loading it needs "
-        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true and trust in its source.",
-        stacklevel=2,
-    )
+        return _first_line(err)
+
+
+def _save_pickle(
+    net: nn.Module, example: torch.Tensor | None, path: Path, mlflow_model: Any
+) -> None:
+    """The pytorch flavor's pickle of the net, with the net's code where it is not installed."""
+    import mlflow.pytorch
+
     mlflow.pytorch.save_model(
-        net, path, serialization_format="pickle", code_paths=_code_paths(net), **options
+        net,
+        path,
+        serialization_format="pickle",
+        code_paths=_code_paths(net),
+        mlflow_model=mlflow_model,
+        input_example=None if example is None else example.numpy(),
+        pip_requirements=_requirements(),
     )
 
 

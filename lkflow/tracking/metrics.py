@@ -98,6 +98,10 @@ class MetricRows:
         held.update({point.step: point.timestamp for point in points})
         self.logged_at = held
 
+    def key_of(self, key: str) -> str:
+        """The MLflow name that history key `key` is logged under (as `log` names it)."""
+        return self.names.get(key) or sanitize_key(key)
+
     def log_best(
         self, writer: Writer, best: Best, history: Sequence[Mapping[str, Any]], to_model: bool
     ) -> None:
@@ -105,7 +109,7 @@ class MetricRows:
         linked to the model (same values and times: the run's histories gain no point)."""
         values: list[Point] = []
         if best.score is not None:
-            name = self.names.get(best.monitor) or sanitize_key(best.monitor)
+            name = self.key_of(best.monitor)
             now = int(time.time() * 1000)
             values += [
                 (f"{BEST_PREFIX}{name}", best.score, now, best.epoch),

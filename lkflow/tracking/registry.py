@@ -5,8 +5,9 @@
     version, why = model_version(client, "rings-net")  # the best version by those tags
 
 A version that a fit registers carries the tags below: the run, and where there is a
-monitored checkpoint the monitored key, its best value, its mode and the epoch; its run holds
-the metrics `best_<monitor>` and `best_epoch`. `lkflow serve` and `lkflow runs` read them back.
+monitored checkpoint the monitored key as MLflow logged it, its best value, its mode and the
+epoch; its run holds the metrics `best_<monitor>` and `best_epoch`. `lkflow serve` and
+`lkflow runs` read them back.
 """
 
 from __future__ import annotations
@@ -105,14 +106,18 @@ def registered_name(
     return net_class
 
 
-def registration(name: str, best: Best, run_id: str, table: str) -> RegisterWrite:
+def registration(
+    name: str, best: Best, run_id: str, table: str, monitor: str | None = None
+) -> RegisterWrite:
     """The write that registers the run's logged model under `name`, tagged with the best
-    epoch, its layer table as the description."""
+    epoch, its layer table as the description; `monitor` is the monitored key as MLflow
+    logged it (`val_f1_macro` for `val_f1/macro`, the name of `best_<monitor>`), defaults to
+    `best.monitor`."""
     tags = {RUN_ID_TAG: run_id}
     if best.score is not None:
         tags.update(
             {
-                MONITOR_TAG: best.monitor,
+                MONITOR_TAG: monitor or best.monitor,
                 MONITOR_VALUE_TAG: repr(best.score),
                 MODE_TAG: best.mode,
                 BEST_EPOCH_TAG: str(best.epoch),

@@ -28,10 +28,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
+from lkflow.batches import names as batch_names
+from lkflow.batches import to_numpy
 from lkflow.errors import LkflowError
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from mlflow.models import Model
     from torch import nn
@@ -150,7 +151,7 @@ def save_structured_model(
             artifacts={"program": str(program_path)},
             model_config=config,
             signature=_signature(named, outputs, named_outputs=config["outputs"] is not None),
-            input_example={name: _numpy(t) for name, t in named.items()},
+            input_example={name: to_numpy(t) for name, t in named.items()},
             pip_requirements=pip_requirements,
             mlflow_model=mlflow_model,
         )
@@ -189,9 +190,9 @@ def answers_its_example(path: str | Path, example: Example, expected: Output) ->
             return (
                 f"the model takes the inputs {names or ['one array']}, the example {len(tensors)}"
             )
-        request: Any = _numpy(tensors[0])
+        request: Any = to_numpy(tensors[0])
         if names:
-            request = {name: _numpy(t) for name, t in zip(names, tensors, strict=True)}
+            request = {name: to_numpy(t) for name, t in zip(names, tensors, strict=True)}
         predicted = model.predict(request)
     except Exception as err:  # any failure is the reason to report; nothing is lost
         return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
@@ -201,7 +202,7 @@ def answers_its_example(path: str | Path, example: Example, expected: Output) ->
     for name, tensor in wanted.items():
         if name not in predicted:
             return f"output {name!r} is missing; the model answers {sorted(predicted)}"
-        got, want = np.asarray(predicted[name]), _numpy(tensor)
+        got, want = np.asarray(predicted[name]), to_numpy(tensor)
         if got.shape != want.shape:
             return f"output {name!r} has shape {got.shape}, the net's {want.shape}"
         if not np.allclose(got, want, rtol=RTOL, atol=ATOL, equal_nan=True):
@@ -236,18 +237,16 @@ def _named_inputs(net: nn.Module, example: Example) -> dict[str, torch.Tensor]:
         named = {str(name): t for name, t in example.items()}
     elif isinstance(example, (tuple, torch.Tensor)):
         tensors = _tensors(example)
-        names = _parameter_names(net, len(tensors))
-        named = dict(zip(names, tensors, strict=True))
+        named = dict(zip(_parameter_names(net, len(tensors)), tensors, strict=True))
     else:
         named = {}
-    bad = {n: type(t).__name__ for n, t in named.items() if not isinstance(t, torch.Tensor)}
-    if not named or bad:
-        got = f"{type(example).__name__} {bad}" if bad else type(example).__name__
-        raise LkflowError(
-            f"Received: an example of type {got}. Expected what the net takes: a tensor, a "
-            "tuple of tensors (positional inputs) or a dict of name -> tensor (keyword inputs). "
-            "Fix: pass a few rows of a real batch without its target."
-        )
+    _check_tensors(
+        named,
+        example,
+        "Received: an example of type {got}. Expected what the net takes: a tensor, a tuple of "
+        "tensors (positional inputs) or a dict of name -> tensor (keyword inputs). Fix: pass a "
+        "few rows of a real batch without its target.",
+    )
     rows = {n: (t.shape[0] if t.ndim else None) for n, t in named.items()}
     if None in rows.values() or len(set(rows.values())) != 1 or 0 in rows.values():
         raise LkflowError(
@@ -274,27 +273,34 @@ def _parameter_names(net: nn.Module, count: int) -> list[str]:
 
 
 def _named_outputs(output: Any) -> dict[str, torch.Tensor]:
-    """The outputs by name: a dict's keys, a named tuple's fields, a tuple's output_0, ...,
-    a single tensor's "output"."""
+    """The outputs by name: a named tuple's fields, else as `lkflow.batches.names` names them (a
+    dict's keys, a tuple's output_0, ..., a single tensor's "output")."""
     import torch
 
+    values: dict[Any, Any] = {}
     if isinstance(output, torch.Tensor):
-        named = {"output": output}
-    elif isinstance(output, Mapping):
-        named = {str(name): value for name, value in output.items()}
-    elif isinstance(output, (tuple, list)):
-        fields = getattr(output, "_fields", None) or [f"output_{i}" for i in range(len(output))]
-        named = dict(zip(fields, output, strict=True))
-    else:
-        named = {}
+        values = {"output": output}
+    elif isinstance(output, (Mapping, tuple, list)):
+        values = dict(output) if isinstance(output, Mapping) else dict(enumerate(output))
+    _check_tensors(
+        values,
+        output,
+        "Received: a net that returns {got}. Expected a tensor, a tuple of tensors or a dict of "
+        "name -> tensor. Fix: return the tensors a client needs, flat.",
+    )
+    keys = getattr(output, "_fields", None) or batch_names(output, "output")
+    return {str(k): t.detach().cpu() for k, t in zip(keys, values.values(), strict=True)}
+
+
+def _check_tensors(named: dict[Any, Any], given: Any, message: str) -> None:
+    """Raises the LkflowError of `message` ({got}: the type given, and its items that are no
+    tensors) unless `named` holds tensors only, at least one."""
+    import torch
+
     bad = {n: type(t).__name__ for n, t in named.items() if not isinstance(t, torch.Tensor)}
     if not named or bad:
-        got = f"{type(output).__name__} {bad}" if bad else type(output).__name__
-        raise LkflowError(
-            f"Received: a net that returns {got}. Expected a tensor, a tuple of tensors or a "
-            "dict of name -> tensor. Fix: return the tensors a client needs, flat."
-        )
-    return {name: t.detach().cpu() for name, t in named.items()}
+        got = f"{type(given).__name__} {bad}" if bad else type(given).__name__
+        raise LkflowError(message.format(got=got))
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -380,7 +386,7 @@ def _signature(
 
     def spec(tensor: torch.Tensor, name: str | None) -> TensorSpec:
         shape = (-1, *tensor.shape[1:]) if tensor.ndim else ()
-        return TensorSpec(_numpy(tensor).dtype, shape, name)
+        return TensorSpec(to_numpy(tensor).dtype, shape, name)
 
     return ModelSignature(
         inputs=Schema([spec(t, name) for name, t in inputs.items()]),
@@ -391,11 +397,3 @@ def _signature(
 def _dtype_name(tensor: torch.Tensor) -> str:
     """The torch dtype's name, as `getattr(torch, name)` reads it back: "float32", "int64"."""
     return str(tensor.dtype).removeprefix("torch.")
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as numpy; bfloat16 widened to float32, which numpy has."""
-    import torch
-
-    tensor = tensor.detach().cpu()
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()

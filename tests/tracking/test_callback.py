@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -155,3 +156,67 @@ def test_a_fit_without_checkpoints_logs_the_net_of_its_last_epoch(tracking_uri: 
     assert run.info.status == "FINISHED" and "best_epoch" not in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"net", "history.csv"}
     assert [output.step for output in run.outputs.model_outputs] == [1]  # the last epoch
+
+
+class Tokens(torch.nn.Module):
+    """Token ids and their mask in, by name; one logit a row out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.out = torch.nn.Linear(4, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.out(pooled)
+
+
+class DictBatches(lkflow.LightModel):
+    """Batches as Hugging Face collators yield them: the inputs by name, and "labels"."""
+
+    def shared_step(self, batch: Any) -> dict[str, Any]:
+        logits = self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return {
+            "loss": torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+        }
+
+    def example_input(self, batch: Any) -> Any:
+        return {key: batch[key] for key in ("input_ids", "attention_mask")}
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TokenRows(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        generator = torch.Generator().manual_seed(n)
+        self.ids = torch.randint(0, 10, (n, 6), generator=generator)
+        self.mask = (torch.rand(n, 6, generator=generator) > 0.3).long()
+        self.labels = (self.ids[:, 0] > 4).float().unsqueeze(1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def test_a_dict_batch_gives_the_model_its_named_input_example(tracking_uri: str) -> None:
+    from mlflow.models import Model
+
+    train = torch.utils.data.DataLoader(TokenRows(40), batch_size=16)
+    valid = torch.utils.data.DataLoader(TokenRows(24), batch_size=16)
+    model = DictBatches(Tokens())
+    model.fit(train, valid, epochs=1, gpus=0, verbose=0, registered_model_name="tokens")
+    version = MlflowClient(tracking_uri).get_model_version("tokens", "1")
+    path = mlflow.artifacts.download_artifacts(version.source)
+    example = Model.load(path).load_input_example(path)
+    first = next(iter(train))
+    assert sorted(example) == ["attention_mask", "input_ids"]
+    for key in example:
+        assert (example[key] == first[key][:5].numpy()).all()
+    predicted = mlflow.pyfunc.load_model("models:/tokens/1").predict(example)
+    with torch.no_grad():
+        expected = model.net.eval()(**{k: torch.from_numpy(v) for k, v in example.items()})
+    np.testing.assert_allclose(predicted, expected.numpy(), rtol=1e-5, atol=1e-6)

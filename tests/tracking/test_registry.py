@@ -8,7 +8,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import Tracked, fit, make_loaders
+import torch
+from helpers import Net, Tracked, fit, make_loaders
 from helpers import make_model as make_plain_model
 from helpers import make_scheduled_model as make_model
 from hypothesis import given
@@ -17,7 +18,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_model_name
+from torch import nn
+from torchmetrics.classification import BinaryAccuracy
 
+from lkflow import LightModel
 from lkflow.checks import check_registered_model_name
 from lkflow.errors import LkflowError
 from lkflow.tracking.registry import best_version
@@ -104,3 +108,22 @@ def test_best_version_follows_the_metric_mode() -> None:
         _version(2),
         "the newest version: no recorded metric",
     )
+
+
+def test_the_monitor_tag_names_the_metric_as_mlflow_logged_it(tracking_uri: str) -> None:
+    net = Net()
+    model = LightModel(
+        net,
+        loss_fn=nn.BCEWithLogitsLoss(),
+        metrics={"acc@1": BinaryAccuracy()},  # "@" is no part of an MLflow key: it is renamed
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.05),
+    )
+    with pytest.warns(UserWarning, match="val_acc@1"):  # the renamed keys, once
+        fit(model, epochs=2, monitor="val_acc@1", mode="max", registered_model_name="acc")
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version("acc", "1")
+    assert version.tags["monitor"] == "val_acc_1"
+    metrics = client.get_run(model.run_id).data.metrics
+    assert float(version.tags["monitor_value"]) == pytest.approx(metrics["best_val_acc_1"])
+    assert [m.step for m in client.get_metric_history(model.run_id, "val_acc_1")] == [0, 1]
+    assert best_version([version])[1].startswith("best val_acc_1=")
