@@ -1,4 +1,5 @@
-"""Small data sets that need no download: the article's two rings and scikit-learn's digits."""
+"""Small data sets that need no download: the article's two rings, a synthetic table with a
+categorical column, and scikit-learn's digits."""
 
 from __future__ import annotations
 
@@ -35,6 +36,42 @@ def rings(n: int = 4000, seed: int = 0) -> TensorDataset:
     x = torch.cat([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)
     y = torch.cat([torch.ones(positive, 1), torch.zeros(negative, 1)])
     return TensorDataset(x, y)
+
+
+TABULAR_FEATURES = 4
+"""Numeric features of `tabular`."""
+TABULAR_CATEGORIES = 8
+"""Categories of `tabular`'s categorical column, 0 to 7."""
+
+
+def tabular(n: int = 4000, seed: int = 0) -> TensorDataset:
+    """A synthetic table: 4 numeric features and a categorical column decide a binary label.
+
+    The label's log-odds are a fixed linear function of the numeric features plus an effect of
+    the category (from -2 to 2), and noise; neither part alone predicts it well, so a net that
+    embeds the category beats one that only sees the numbers (above 0.9 accuracy against 0.77).
+
+    Args:
+        n: Number of rows. Defaults to 4000.
+        seed: Seed of the generator. Defaults to 0.
+
+    Returns:
+        `x_num` of shape `(n, 4)` float32, `x_cat` of shape `(n,)` int64 in `[0, 8)` and `y`
+        of shape `(n, 1)` float32 (0.0 or 1.0).
+
+    Example:
+        >>> x_num, x_cat, y = tabular(10).tensors
+        >>> tuple(x_num.shape), x_cat.dtype, tuple(y.shape)
+        ((10, 4), torch.int64, (10, 1))
+    """
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.tensor([1.5, -1.0, 0.5, 0.0])  # the last feature is noise
+    effects = torch.linspace(-2.0, 2.0, TABULAR_CATEGORIES)[torch.tensor([3, 7, 0, 5, 1, 6, 2, 4])]
+    x_num = torch.randn(n, TABULAR_FEATURES, generator=generator)
+    x_cat = torch.randint(0, TABULAR_CATEGORIES, (n,), generator=generator)
+    logits = x_num @ weights + effects[x_cat] + 0.5 * torch.randn(n, generator=generator)
+    y = (logits > 0).float().unsqueeze(1)
+    return TensorDataset(x_num, x_cat, y)
 
 
 def digits() -> TensorDataset:

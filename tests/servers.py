@@ -1,4 +1,5 @@
-"""Servers that tests start on 127.0.0.1: `mlflow server` and the scoring servers."""
+"""Servers that tests start on 127.0.0.1: `mlflow server` and the scoring servers, and a Python
+where lkflow cannot be imported to run them in."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +27,34 @@ def free_port() -> int:
 def bin_path_env() -> dict[str, str]:
     """This environment with the venv's bin first on PATH (`mlflow models serve` runs uvicorn)."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def lkflow_free_python(folder: Path) -> Path:
+    """A venv in `folder` that sees this venv's packages but not its editable lkflow: the
+    packages' folder is on its path, but the .pth files in it (lkflow's finder) are not run.
+    Its bin holds a `uvicorn`, which `mlflow models serve` runs from PATH."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / "bin" / "python"
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    shared = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    (Path(own) / "shared_packages.pth").write_text("".join(f"{p}\n" for p in shared))
+    uvicorn = folder / "bin" / "uvicorn"
+    uvicorn.write_text(f"#!{python}\nimport sys\nfrom uvicorn.main import main\nsys.exit(main())\n")
+    uvicorn.chmod(0o755)
+    return python
+
+
+def lkflow_free_env(python: Path) -> dict[str, str]:
+    """This environment with `python`'s bin, not this venv's, first on PATH, and no
+    PYTHONPATH or PYTHONHOME: what a process of `lkflow_free_python` runs in."""
+    base = bin_path_env()
+    env = {k: v for k, v in base.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return {**env, "PATH": f"{python.parent}{os.pathsep}{base['PATH'].replace(f'{BIN}:', '')}"}
 
 
 class Server:

@@ -62,7 +62,8 @@ def test_entry_points_take_typed_params_and_run_the_checkouts_examples() -> None
         "seed": 123,
         "registered_model_name": "rings-net",
     }
-    for name, example in (("main", "rings"), ("digits", "digits")):
+    assert list(project["entry_points"]) == ["main", "digits", "tabular"]
+    for name, example in (("main", "rings"), ("digits", "digits"), ("tabular", "tabular")):
         entry = project["entry_points"][name]
         command = " ".join(entry["command"].split())
         assert command.startswith(f"python -m lkflow train examples/{example}.py:task --epochs")
@@ -127,6 +128,23 @@ def test_mlflow_run_digits_passes_95_percent_validation_accuracy(
     assert run.info.status == "FINISHED"
     assert run.data.metrics["best_val_acc"] > 0.95
     assert run.data.params["task"] == "examples/digits.py:task"
+
+
+@pytest.mark.slow
+def test_mlflow_run_tabular_registers_a_model_of_two_named_inputs(
+    checkout: Path, tracking_uri: str
+) -> None:
+    from mlflow.models import Model
+
+    done = _mlflow_run(checkout, tracking_uri, "-e", "tabular", "-P", "epochs=3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = MlflowClient(tracking_uri).search_runs(["0"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["best_val_acc"] > 0.9
+    assert run.data.params["task"] == "examples/tabular.py:task"
+    (version,) = MlflowClient(tracking_uri).search_model_versions("name = 'tabular-net'")
+    assert version.run_id == run.info.run_id
+    assert Model.load("models:/tabular-net/1").signature.inputs.input_names() == ["x_num", "x_cat"]
 
 
 @pytest.mark.slow

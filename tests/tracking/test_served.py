@@ -6,7 +6,6 @@ import ast
 import json
 import subprocess
 import sys
-import sysconfig
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import torch
 from helpers import Net
 from mlflow.models import Model
-from servers import BIN, Server, bin_path_env, free_port
+from servers import Server, free_port, lkflow_free_env, lkflow_free_python
 from torch import nn
 
 from lkflow.errors import LkflowError
@@ -368,25 +367,6 @@ def test_net_that_returns_nested_outputs_is_refused(tmp_path: Path) -> None:
 # ---- served by `mlflow models serve`, where lkflow cannot be imported -------------------------
 
 
-def lkflow_free_python(folder: Path) -> Path:
-    """A venv in `folder` that sees this venv's packages but not its editable lkflow: the
-    packages' folder is on its path, but the .pth files in it (lkflow's finder) are not run."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
-    python = folder / "bin" / "python"
-    own = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    shared = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    (Path(own) / "shared_packages.pth").write_text("".join(f"{p}\n" for p in shared))
-    uvicorn = folder / "bin" / "uvicorn"  # what `mlflow models serve` runs, from PATH
-    uvicorn.write_text(f"#!{python}\nimport sys\nfrom uvicorn.main import main\nsys.exit(main())\n")
-    uvicorn.chmod(0o755)
-    return python
-
-
 def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -404,11 +384,7 @@ def test_models_serve_answers_both_request_forms_without_lkflow(
 ) -> None:
     net, path = tabular
     python = lkflow_free_python(tmp_path / "env")
-    base = bin_path_env()
-    env = {
-        **{k: v for k, v in base.items() if k not in ("PYTHONPATH", "PYTHONHOME")},
-        "PATH": f"{python.parent}:{base['PATH'].replace(f'{BIN}:', '')}",
-    }
+    env = lkflow_free_env(python)
     probe = "import mlflow, torch\ntry:\n import lkflow\nexcept ImportError:\n print('no lkflow')"
     done = subprocess.run(
         [str(python), "-c", probe],
