@@ -50,6 +50,23 @@ class Net(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class TokenNet(nn.Module):
+    """Hugging Face-style keyword inputs `(input_ids, attention_mask)` in; a tuple (class logits,
+    pooled state) out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.head(pooled), pooled
+
+
 def make_loaders() -> tuple[DataLoader, DataLoader]:
     """Train (320 rows) and validation (250 rows, a short last batch) loaders of the rings."""
     train = DataLoader(rings(320, seed=1), batch_size=64, shuffle=True)

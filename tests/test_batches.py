@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import TokenNet
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -40,22 +41,6 @@ class TwoInputs(nn.Module):
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = torch.relu(self.num(x_num) + self.cat(x_cat).sum(1))
         return {"logits": self.logits(hidden), "score": hidden.sum(1)}
-
-
-class TextNet(nn.Module):
-    """`forward(input_ids, attention_mask)` -> `(logits, pooled)`, as a Hugging Face-style net."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = attention_mask.unsqueeze(-1).float()
-        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.head(pooled), pooled
 
 
 def tabular(rows: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,7 +116,7 @@ def test_a_hugging_face_dict_passes_all_but_labels_by_name() -> None:
     assert list(inputs) == ["input_ids", "attention_mask"]
     assert inputs["attention_mask"] is batch["attention_mask"]
     assert target is batch["labels"]
-    logits, _ = call_net(TextNet(), inputs)
+    logits, _ = call_net(TokenNet(), inputs)
     assert logits.shape == (8, 3)
 
 
@@ -329,7 +314,7 @@ def test_concat_of_dict_outputs_equals_the_net_on_the_whole_data() -> None:
 
 
 def test_concat_of_tuple_outputs_equals_the_net_on_the_whole_data() -> None:
-    net = TextNet().eval()
+    net = TokenNet().eval()
     data = text(9)
     rows = [{key: value[i] for key, value in data.items()} for i in range(9)]
     with torch.no_grad():

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import Net
+from helpers import Net, TokenNet
 from mlflow.models import Model
 from servers import Server, free_port, lkflow_free_env, lkflow_free_python
 from torch import nn
@@ -45,22 +45,6 @@ class Tabular(nn.Module):
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.head(torch.cat([x_num, self.embed(x_cat)], dim=1))
         return {"logits": logits, "prob": logits.softmax(dim=1)}
-
-
-class Tokens(nn.Module):
-    """Hugging Face-style keyword inputs in; a tuple (class logits, pooled state) out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = attention_mask.unsqueeze(-1).float()
-        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.head(pooled), pooled
 
 
 def tabular_rows(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +87,10 @@ def tabular(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tabular, Path]:
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tokens, Path]:
-    """A Tokens net saved on a 3-row dict example."""
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> tuple[TokenNet, Path]:
+    """A TokenNet saved on a 3-row dict example."""
     torch.manual_seed(0)
-    net = Tokens().eval()
+    net = TokenNet().eval()
     path = tmp_path_factory.mktemp("tokens") / "model"
     save_structured_model(net, token_rows(3, seed=1), path, pip_requirements=REQUIREMENTS)
     return net, path
@@ -127,7 +111,7 @@ def test_two_input_net_answers_any_number_of_rows(tabular: tuple[Tabular, Path],
 
 @pytest.mark.parametrize("rows", [1, 9])
 def test_keyword_input_net_answers_any_number_of_rows(
-    tokens: tuple[Tokens, Path], rows: int
+    tokens: tuple[TokenNet, Path], rows: int
 ) -> None:
     net, path = tokens
     example = token_rows(rows, seed=rows)
@@ -148,7 +132,7 @@ def test_dataframe_split_rows_are_cast_to_the_signature(tabular: tuple[Tabular, 
 
 
 def test_signature_names_dtypes_and_batch_dimension(
-    tabular: tuple[Tabular, Path], tokens: tuple[Tokens, Path]
+    tabular: tuple[Tabular, Path], tokens: tuple[TokenNet, Path]
 ) -> None:
     def specs(schema: Any) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(s.name, str(s.type), s.shape) for s in schema.inputs]
@@ -329,9 +313,11 @@ def test_example_the_net_fails_on_is_refused_with_its_reason(tmp_path: Path) -> 
     example = {**token_rows(2, seed=1), "labels": torch.zeros(2, dtype=torch.long)}
     with pytest.raises(
         LkflowError,
-        match=r"\['input_ids', 'attention_mask', 'labels'\]\) that Tokens fails on \(TypeError: .*'labels'",
+        match=r"\['input_ids', 'attention_mask', 'labels'\]\) that TokenNet fails on \(TypeError: .*'labels'",
     ) as caught:
-        save_structured_model(Tokens(), example, tmp_path / "model", pip_requirements=REQUIREMENTS)
+        save_structured_model(
+            TokenNet(), example, tmp_path / "model", pip_requirements=REQUIREMENTS
+        )
     assert "forward takes, (input_ids, attention_mask)." in str(caught.value)
     assert not (tmp_path / "model").exists()
 
