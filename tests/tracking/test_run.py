@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from click.testing import CliRunner
-from helpers import Net, fit, make_loaders, plain_fit
+from helpers import Net, fit, make_loaders, only_run, plain_fit, small_loaders, steps
 from helpers import make_model as make_plain_model
 from helpers import make_scheduled_model as make_model
 from mlflow import MlflowClient
@@ -203,21 +203,6 @@ def test_a_failed_fit_leaves_its_error_and_traceback_on_the_run(
     assert "raise self.error" in lines[-2] and lines[-1] == str(run.data.tags["lkflow.error"])
 
 
-def loaders_of(train_rows: Dataset | None = None) -> tuple[DataLoader, DataLoader]:
-    """The rings: 192 training rows (shuffled), 128 validation rows; `train_rows` replace the first."""
-    train = train_rows if train_rows is not None else rings(192, seed=1)
-    return DataLoader(train, batch_size=64, shuffle=True), DataLoader(rings(128, seed=2), 64)
-
-
-def only_run(client: MlflowClient) -> Any:
-    (run,) = client.search_runs(["0"])
-    return run
-
-
-def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(metric.step for metric in client.get_metric_history(run_id, key))
-
-
 class _FailsInEpochOne(LightModel):
     """Raises `error` in epoch 1's training step or validation, as `where` says."""
 
@@ -271,7 +256,7 @@ def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
     model = make_plain_model(model_class=_FailsInEpochOne)
     model.where, model.error = where, error
     callbacks = [_FailsAtEpochEnd(error)] if where == "epoch_end" else []
-    loaders = loaders_of(_UnreadableRow(error) if where == "data_loading" else None)
+    loaders = small_loaders(_UnreadableRow(error) if where == "data_loading" else None)
     with pytest.raises(type(error)) as raised:
         model.fit(*loaders, epochs=3, gpus=0, verbose=0, callbacks=callbacks)
     assert raised.value is error  # the very object, unwrapped
@@ -311,7 +296,7 @@ def test_a_resumed_fit_into_the_outbox_drops_the_error_tag_at_sync(
     error = RuntimeError("failed at the end of epoch 1")
     with pytest.raises(RuntimeError):
         make_plain_model().fit(
-            *loaders_of(), epochs=3, gpus=0, verbose=0, callbacks=[_FailsAtEpochEnd(error)]
+            *small_loaders(), epochs=3, gpus=0, verbose=0, callbacks=[_FailsAtEpochEnd(error)]
         )
     client = MlflowClient(tracking_uri)
     run_id = only_run(client).info.run_id
@@ -320,7 +305,7 @@ def test_a_resumed_fit_into_the_outbox_drops_the_error_tag_at_sync(
         {"op": "batch", "tags": {"kept": "yes"}}
     )
     with pytest.warns(UserWarning, match="writes that an earlier fit kept"):
-        make_plain_model().fit(*loaders_of(), epochs=3, gpus=0, verbose=0, ckpt_path="last")
+        make_plain_model().fit(*small_loaders(), epochs=3, gpus=0, verbose=0, ckpt_path="last")
     assert client.get_run(run_id).data.tags["lkflow.error"] == f"RuntimeError: {error}"
     synced = CliRunner().invoke(main, ["sync"])
     assert synced.exit_code == 0, synced.output
