@@ -301,8 +301,7 @@ def _deliver_all(outbox: Outbox, tracking_uri: str | None) -> str:
     client = MlflowClient(uri)
     entries, state = outbox.entries(), outbox.progress()
     start = state["delivered"]
-    # MLflow prints the run's URL as the run ends; the line returned says what happened.
-    with env_defaults({**HTTP_RETRIES, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+    with env_defaults(HTTP_RETRIES):  # the "end" write keeps MLflow's own run link unprinted
         try:
             _check_run(client, run_id)
             for index in range(start, len(entries)):
