@@ -3,6 +3,7 @@ where lkflow cannot be imported to run them in."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,9 +11,11 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 BIN = Path(sys.executable).parent  # the venv's bin: mlflow, uvicorn, lkflow
 
@@ -113,6 +116,18 @@ class Server:
 
     def output(self) -> str:
         return self.log_path.read_text()
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POSTs `body` as JSON to `url`; the status and the JSON answer, also of an error."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
 
 
 def mlflow_server(backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None) -> Server:

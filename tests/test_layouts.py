@@ -15,8 +15,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from helpers import fresh_store
 from mlflow import MlflowClient
-from servers import Server, free_port, lkflow_free_env, lkflow_free_python
+from servers import Server, free_port, lkflow_free_env, lkflow_free_python, post
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -603,17 +601,6 @@ def readme_request() -> dict[str, Any]:
     readme = (ROOT / "README.md").read_text()
     (body,) = re.findall(r"-d '(\{\"inputs\": \{\"x_num\".*?)'\n", readme)
     return json.loads(body)
-
-
-def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ import ast
 import json
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 from helpers import Net, TokenNet
 from mlflow.models import Model
-from servers import Server, free_port, lkflow_free_env, lkflow_free_python
+from servers import Server, free_port, lkflow_free_env, lkflow_free_python, post
 from torch import nn
 
 from lkflow.errors import LkflowError
@@ -351,17 +349,6 @@ def test_net_that_returns_nested_outputs_is_refused(tmp_path: Path) -> None:
 
 
 # ---- served by `mlflow models serve`, where lkflow cannot be imported -------------------------
-
-
-def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
 
 
 @pytest.mark.slow
