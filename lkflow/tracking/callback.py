@@ -366,7 +366,7 @@ class MLflowCallback(pl.Callback):
             )
             if name is not None and servable:
                 key = self._rows.key_of(best.monitor)
-                version = registration(name, best, run.run_id, table, key)
+                version = registration(name, best, run.run_id, table, key, type(net).__name__)
                 self.model_version_ = writer.send(version)
         self._rows.log_best(writer, best, _history(pl_module), to_model=logged)
 
