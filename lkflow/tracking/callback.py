@@ -222,6 +222,7 @@ class MLflowCallback(pl.Callback):
         resumed = self._restored.get("run_id") == self.run_id_
         log_params(self._writer, self._found, prepared, resumed)
         datasets = datasets_write(trainer)
+        self._rows.link_datasets(datasets)
         if datasets is not None:
             self._writer.send(datasets)
 
