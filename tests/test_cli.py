@@ -56,7 +56,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "--registered-model-name", "rings-cli", "--param", f"note={run}",
             )  # fmt: skip
             assert result.exit_code == 0, result.output
-            assert "Epoch 2/2" in result.output and "MLflow run " in result.output
+            assert "Epoch 2/2" in result.output
+            version = "1" if run == "run-a" else "2"
+            said = f"Logged run {run} to experiment 'cli' in {uri}; registered rings-cli version "
+            assert f"\n{said}{version}.\n" in result.output  # once, by the fit
+            page = r"http://127\.0\.0\.1:5000/#/experiments/1/runs/[0-9a-f]{32}\?workflowType="
+            shown = rf"\nView run {run} with `mlflow ui --backend-store-uri {uri}` at: {page}"
+            assert re.search(shown, result.output) and "MLflow run " not in result.output
     yield uri
 
 

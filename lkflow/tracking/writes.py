@@ -298,6 +298,11 @@ class Writer:
         for write in pending:
             self.send(write)
 
+    @property
+    def registered(self) -> str | None:
+        """The version this fit registered, "name version n", once MLflow has it."""
+        return self._sent.get("registered")
+
     @overload
     def send(self, write: ModelWrite) -> str | None: ...
     @overload
