@@ -17,6 +17,8 @@ What one fit logs, all through `MlflowClient` calls naming the run, from rank ze
   pickle with the net's code where export fails), linked to the run, and registered with tags
   once it answers its input example (the first batch's rows, whatever `example_input` returns).
 - what Lightning callbacks log through the Trainer's logger (logger.py), at their steps.
+- system metrics (CPU, memory, disk, network, GPUs with nvidia-ml-py) from the run's opening
+  to the fit's end, sampled by MLflow's monitor in a thread (system_metrics.py).
 
 A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
@@ -41,7 +43,7 @@ lock) until it has written the run's end: a `lkflow sync` meanwhile leaves it al
 
 The hooks below only say when; what is done lives beside this file: the run in run.py, the
 writes in writes.py, the metrics in metrics.py, the files in artifacts.py, the model in
-export.py, its registration in registry.py.
+export.py, its registration in registry.py, the system metrics in system_metrics.py.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ from lkflow.tracking.run import (
     open_run,
 )
 from lkflow.tracking.store import check_reachable, check_tracking_uri, tracking_client
+from lkflow.tracking.system_metrics import (
+    SystemMetrics,
+    system_metrics_interval,
+    system_metrics_on,
+)
 from lkflow.tracking.writes import Writer
 
 if TYPE_CHECKING:
@@ -118,6 +125,11 @@ class MLflowCallback(pl.Callback):
         outbox_dir: Where the writes that a tracking server gone away during the fit could
             not take are kept, for `lkflow sync`, relative to the working folder at fit
             start. Defaults to "mlruns-outbox".
+        system_metrics: Sample CPU, memory, disk, network and GPU use into the run while it
+            is open. Defaults to None: on, unless `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` is
+            false.
+        system_metrics_interval: Seconds between samples. Defaults to None:
+            `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`, else 10.
 
     Example:
         >>> tracker = MLflowCallback(experiment_name="rings", registered_model_name="rings-net")
@@ -138,6 +150,8 @@ class MLflowCallback(pl.Callback):
         tags: Mapping[str, str] | None = None,
         params: Mapping[str, Any] | None = None,
         outbox_dir: str | os.PathLike[str] = DEFAULT_DIR,
+        system_metrics: bool | None = None,
+        system_metrics_interval: float | None = None,
     ) -> None:
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -148,6 +162,8 @@ class MLflowCallback(pl.Callback):
         self.tags = tags
         self.params = params
         self.outbox_dir = outbox_dir
+        self.system_metrics = system_metrics
+        self.system_metrics_interval = system_metrics_interval
         self.client_: MlflowClient | None = None
         self.run_id_: str | None = None
         self.experiment_id_: str | None = None
@@ -164,6 +180,8 @@ class MLflowCallback(pl.Callback):
         self._example: Inputs | None = None
         self._example_done = False
         self._outbox_root = Path(self.outbox_dir)
+        self._sampling: float | None = None  # seconds between system metrics samples; None: off
+        self._system: SystemMetrics | None = None  # sampling while the run is open
 
     # ---- Lightning hooks ---------------------------------------------------------------
 
@@ -178,6 +196,7 @@ class MLflowCallback(pl.Callback):
                 "wrap the net in LightModel(net, ...)."
             )
         check_registered_model_name(self.registered_model_name)  # before any MLflow call
+        sampling = system_metrics_interval(self.system_metrics_interval)
         from mlflow import get_tracking_uri
 
         uri = self.tracking_uri or get_tracking_uri()
@@ -185,6 +204,7 @@ class MLflowCallback(pl.Callback):
         check_reachable(uri)
         self._reset()
         self._outbox_root = Path(self.outbox_dir).resolve()
+        self._sampling = sampling if system_metrics_on(self.system_metrics) else None
         self._restored = {}
         self.client_ = tracking_client(uri)
         self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None
@@ -273,6 +293,7 @@ class MLflowCallback(pl.Callback):
         writer, run = opened
         self._rows.log(writer, _history(pl_module))
         self._log_outputs(writer, run, trainer, pl_module)
+        self._stop_system_metrics(writer)
         clear_error(writer, run)
         end_run(writer, run, "FINISHED")
 
@@ -292,6 +313,7 @@ class MLflowCallback(pl.Callback):
                 writer.send(checkpoints)
         with _carry_on("log the error of the failed fit"):
             log_error(writer, exception)
+        self._stop_system_metrics(writer)
         with _carry_on(f"end run {run.run_id} {status}"):
             end_run(writer, run, status)
 
@@ -322,7 +344,16 @@ class MLflowCallback(pl.Callback):
             )
             self.run_id_, self.experiment_id_ = run.run_id, run.experiment_id
             writer.open(run)
+            if self._sampling is not None and writer.outbox is None:
+                resumed = found.run is not None  # its steps go on from the last
+                self._system = SystemMetrics.start(run.client, run.run_id, self._sampling, resumed)
         return (writer, writer.run) if writer.run is not None else None
+
+    def _stop_system_metrics(self, writer: Writer) -> None:
+        """Stops sampling before the run ends, without waiting on a server gone away."""
+        if self._system is not None:
+            self._system.stop(server_answers=writer.outbox is None)
+            self._system = None
 
     def log_figures(self, figures: Mapping[str, Figure], artifact_path: str = "report") -> None:
         """Figures as PNG files in the run of the last fit, under `artifact_path`.
