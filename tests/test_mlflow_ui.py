@@ -298,6 +298,7 @@ def test_the_printed_link_opens_the_run_in_the_training_view(ui: UiRun, browser:
         rf"\n{ui.run.info.run_name}\n",
         r"Registered models\s+rings-net\s+v1",
         rf"Datasets\s+rings \({training[1]}\)\s+Training",
+        r"Registered prompts\s+—",  # the last part of the page to arrive
     )
     _shot(browser, "run")
     assert "Model training" in text and "Runs\nModels" in text  # not the GenAI overview

@@ -196,7 +196,8 @@ class MLflowCallback(pl.Callback):
                 "wrap the net in LightModel(net, ...)."
             )
         check_registered_model_name(self.registered_model_name)  # before any MLflow call
-        sampling = system_metrics_interval(self.system_metrics_interval)
+        on = system_metrics_on(self.system_metrics)
+        sampling = system_metrics_interval(self.system_metrics_interval) if on else None
         from mlflow import get_tracking_uri
 
         uri = self.tracking_uri or get_tracking_uri()
@@ -204,7 +205,7 @@ class MLflowCallback(pl.Callback):
         check_reachable(uri)
         self._reset()
         self._outbox_root = Path(self.outbox_dir).resolve()
-        self._sampling = sampling if system_metrics_on(self.system_metrics) else None
+        self._sampling = sampling
         self._restored = {}
         self.client_ = tracking_client(uri)
         self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None

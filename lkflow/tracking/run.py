@@ -337,9 +337,14 @@ def print_summary(run: TrackedRun, registered: str | None) -> None:
         Logged run calm-owl-12 to experiment 'rings'; registered rings-net version 3.
         View run calm-owl-12 at: http://mlflow-host:5000/#/experiments/1/runs/3f2a...?workflowType=machine_learning
     """
+    from mlflow.exceptions import MlflowException
+
     uri = run.client.tracking_uri
-    with bounded_http_retries():
-        name = run.client.get_run(run.run_id).info.run_name
+    try:
+        with bounded_http_retries():
+            name = run.client.get_run(run.run_id).info.run_name
+    except MlflowException:  # the server went away as the run ended: all is logged
+        name = run.run_id
     where = "" if is_http(uri) else f" in {hide_credentials(uri)}"
     done = f"; registered {registered}" if registered else ""
     print(f"Logged run {name} to experiment {run.experiment_name!r}{where}{done}.", flush=True)

@@ -76,11 +76,12 @@ def test_stopping_never_waits_on_a_server_that_stopped_answering(
     with socket.socket() as hung:  # takes connections and never answers
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)
-        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        client = MlflowClient(f"http://127.0.0.1:{hung.getsockname()[1]}")
         before = set(threading.enumerate())
-        monitor = SystemMetrics.start(MlflowClient(uri), "0" * 32, 0.01, resumed=False)
+        monitor = SystemMetrics.start(client, "0" * 32, 0.01, resumed=False)
         assert monitor is not None
-        (sampler,) = set(threading.enumerate()) - before
+        started = set(threading.enumerate()) - before
+        (sampler,) = [thread for thread in started if thread.name == "SystemMetricsMonitor"]
         monitor.stop(server_answers=False)
         assert sampler.is_alive()  # still waiting for the server: the fit is not
     sampler.join(timeout=120)  # the server is gone now: its request fails, and it ends
