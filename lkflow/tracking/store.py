@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 CONNECT_TIMEOUT_S = 3.0
-_DEFAULT_STORE = "sqlite:///mlflow.db"  # MLflow's default tracking URI, and `mlflow ui`'s store
+_DEFAULT_STORE_FILE = "mlflow.db"  # the default store of MLflow and `mlflow ui`, here
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 _SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every sqlite database
 # lkflow's requests to a tracking server: retries, backoff factor (waits 0, 2, 4 s), timeout.
@@ -93,8 +93,9 @@ def ui_route(experiment_id: str, run_id: str) -> str:
 
 
 def ui_command(uri: str) -> str | None:
-    """The `mlflow ui` command that shows a local store, credentials hidden; None for a
-    tracking server (its UI is at its own address) or a store `mlflow ui` cannot open.
+    """The `mlflow ui` command that shows a local store, credentials hidden: plain `mlflow ui`
+    for `mlflow.db` in the working folder (its default store); None for a tracking server (its
+    UI is at its own address) or a store `mlflow ui` cannot open.
 
     Example:
         >>> ui_command("sqlite:///mlflow.db"), ui_command("sqlite:////tmp/runs.db")
@@ -103,7 +104,7 @@ def ui_command(uri: str) -> str | None:
     scheme = urlparse(uri).scheme.lower()
     if scheme != "sqlite" and scheme.partition("+")[0] not in _DATABASES:
         return None
-    if uri == _DEFAULT_STORE:
+    if sqlite_path(uri) == Path(_DEFAULT_STORE_FILE).resolve():
         return "mlflow ui"
     return f"mlflow ui --backend-store-uri {hide_credentials(uri)}"
 
