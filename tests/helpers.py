@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torchmetrics
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 ROOT = Path(lkflow.__file__).resolve().parents[1]
+STORES = ("sqlite", "postgresql")  # the stores of the `tracking_uri` fixture: a file, a server
+# A test whose point is not the store (serving, signals, an MLflow project) runs on sqlite only.
+SQLITE_ONLY = pytest.mark.parametrize("tracking_uri", ["sqlite"], indirect=True)
+TRACKED_IN_SQLITE = pytest.mark.parametrize("tracked", ["sqlite"], indirect=True)
 
 
 class Net(nn.Module):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import SQLITE_ONLY
 from mlflow import MlflowClient
 from servers import BIN
 
@@ -95,6 +96,7 @@ def _mlflow_run(checkout: Path, tracking_uri: str, *args: str) -> subprocess.Com
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_mlflow_run_main_logs_into_one_run_and_registers_the_net(
     checkout: Path, tracking_uri: str
 ) -> None:
@@ -119,6 +121,7 @@ def test_mlflow_run_main_logs_into_one_run_and_registers_the_net(
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_mlflow_run_digits_passes_95_percent_validation_accuracy(
     checkout: Path, tracking_uri: str
 ) -> None:
@@ -131,6 +134,7 @@ def test_mlflow_run_digits_passes_95_percent_validation_accuracy(
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_mlflow_run_tabular_registers_a_model_of_two_named_inputs(
     checkout: Path, tracking_uri: str
 ) -> None:
@@ -155,6 +159,7 @@ def test_mlflow_run_tabular_registers_a_model_of_two_named_inputs(
         ("epochs=abc", "Error: Invalid value for '--epochs': 'abc' is not a valid integer."),
     ],
 )
+@SQLITE_ONLY
 def test_mlflow_run_with_a_bad_param_fails_with_one_clear_line(
     checkout: Path, tracking_uri: str, param: str, message: str
 ) -> None:
