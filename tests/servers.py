@@ -284,8 +284,8 @@ class PgServer:
 
     def __init__(self, postgres: Postgres, folder: Path) -> None:
         self.postgres, self.artifacts = postgres, folder / "artifacts"
-        backend = postgres.create(self.DATABASE, MIGRATED)
-        self.server = mlflow_server(backend, self.artifacts, folder)
+        self.backend = postgres.create(self.DATABASE, MIGRATED)  # the database's own URI
+        self.server = mlflow_server(self.backend, self.artifacts, folder)
         self.url = ""
 
     def __enter__(self) -> PgServer:
@@ -294,6 +294,15 @@ class PgServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.server.stop()
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL), as a crash would."""
+        os.killpg(self.server.process.pid, signal.SIGKILL)
+        self.server.stop()
+
+    def start(self) -> None:
+        """Starts the server again, on the same port and database."""
+        self.server.__enter__()
 
     def fresh(self) -> str:
         """The server's URL, its store made empty."""
