@@ -163,9 +163,9 @@ def postgres_missing() -> str | None:
     missing = [name for name in ("initdb", "pg_ctl") if _pg_tool(name) is None]
     if missing:
         return (
-            f"PostgreSQL's {' and '.join(missing)} not found on PATH or in "
-            "/usr/lib/postgresql/*/bin: install PostgreSQL 15 (apt-get install postgresql) to "
-            "run the tests on a PostgreSQL-backed tracking server"
+            f"no {' or '.join(missing)} of PostgreSQL on PATH or in /usr/lib/postgresql/*/bin: "
+            "install PostgreSQL 15 (apt-get install postgresql) to run the store tests on an "
+            "mlflow server over PostgreSQL"
         )
     if os.geteuid() == 0:
         try:
