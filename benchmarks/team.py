@@ -160,6 +160,8 @@ def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"cores; Python {platform.python_version()}, torch {torch.__version__}, "
         f"mlflow {mlflow.__version__}, PostgreSQL 15",
         f"- Command: `python -m benchmarks.team --epochs {args.epochs} --rounds {args.rounds}`",
+        f"- Load average (1 min) at the start and the end: {results['load'][0]:.1f}, "
+        f"{os.getloadavg()[0]:.1f} (other work on the machine inflates every figure)",
         "- Fits: the rings, 256 rows in batches of 32, one torch thread each; a 2-process DDP "
         "fit beside 8 one-process fits makes 9 fits at once on 2 cores. Servers: `mlflow server` "
         "with one worker, without MLflow's job runner.",
@@ -211,6 +213,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Postgres() as postgres:
         migrate(postgres.create(MIGRATED))
         results = {
+            "load": os.getloadavg(),
             "per_epoch": per_epoch(postgres, Path(tmp), args.epochs),
             "team_size": team_size(postgres, Path(tmp), args.rounds),
         }
