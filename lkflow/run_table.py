@@ -222,7 +222,7 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str) -> Figu
     ax = figure.subplots()
     for label, points in curves.items():
         steps, values = zip(*points, strict=True)
-        ax.plot([step + 1 for step in steps], values, "o-", label=label)  # epoch 0 is the 1st
+        ax.plot(steps, values, "o-", label=label)
     ax.set(title=f"{metric} by epoch", xlabel="Epochs", ylabel=metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
