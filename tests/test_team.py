@@ -64,15 +64,15 @@ def _finished(launcher: subprocess.Popen[bytes], folder: Path) -> dict[str, dict
 
 
 def _poll(url: str, folder: Path, until: subprocess.Popen[bytes] | Path) -> int:
-    """`lkflow runs` and `lkflow compare` of the two newest runs, again and again until the
-    launcher ends or every fit has written `until`'s name; each must answer. Returns the
-    number of rounds."""
+    """`lkflow runs` (and every third time `lkflow compare` of the two newest runs) again and
+    again until the launcher ends or every fit has written `until`'s name; each must answer.
+    Returns the number of rounds."""
     rounds = 0
     while until.poll() is None if isinstance(until, subprocess.Popen) else not _all_at(until):
         listed = CliRunner().invoke(main, ["runs", "--csv", "--max", "50", "--tracking-uri", url])
         assert listed.exit_code == 0, listed.output
         ids = [] if listed.output.startswith("No runs") else _ids(listed.output)
-        if len(ids) >= 2:
+        if len(ids) >= 2 and rounds % 3 == 0:  # a figure is seconds of work on a busy machine
             args = ["compare", *ids[:2], "--metric", "loss", "--out", str(folder / "cmp.png")]
             compared = CliRunner().invoke(main, [*args, "--tracking-uri", url])
             # a run that has not logged its first epoch yet has no curve
