@@ -63,15 +63,20 @@ def _finished(launcher: subprocess.Popen[bytes], folder: Path) -> dict[str, dict
     return {name: json.loads((folder / name / "result.json").read_text()) for name in NAMES}
 
 
-def _poll(url: str, folder: Path, until: subprocess.Popen[bytes] | Path) -> int:
+def _poll(
+    url: str, folder: Path, launcher: subprocess.Popen[bytes], until: Path | None = None
+) -> int:
     """`lkflow runs` (and every third time `lkflow compare` of the two newest runs) again and
-    again until the launcher ends or every fit has written `until`'s name; each must answer.
-    Returns the number of rounds."""
+    again until the launcher ends, or until every fit has written `until`'s name; each must
+    answer. Returns the number of rounds."""
     rounds = 0
-    while until.poll() is None if isinstance(until, subprocess.Popen) else not _all_at(until):
+    while until is None or not _all_at(until):
+        if launcher.poll() is not None:
+            assert until is None, (folder / "launcher.txt").read_text()  # it ended too soon
+            break
         listed = CliRunner().invoke(main, ["runs", "--csv", "--max", "50", "--tracking-uri", url])
         assert listed.exit_code == 0, listed.output
-        ids = [] if listed.output.startswith("No runs") else _ids(listed.output)
+        ids = [] if listed.stdout.startswith("No runs") else _ids(listed.stdout)
         if len(ids) >= 2 and rounds % 3 == 0:  # a figure is seconds of work on a busy machine
             args = ["compare", *ids[:2], "--metric", "loss", "--out", str(folder / "cmp.png")]
             compared = CliRunner().invoke(main, [*args, "--tracking-uri", url])
@@ -128,7 +133,7 @@ def test_a_server_restarted_under_nine_fits_loses_nothing_after_lkflow_sync(
     url = pg_server.fresh()
     launcher = _launch(tmp_path, url, gates=[0, 1])
     try:
-        _poll(url, tmp_path, until=tmp_path / "at-0")  # every fit has trained epoch 0
+        _poll(url, tmp_path, launcher, until=tmp_path / "at-0")  # every fit trained epoch 0
         pg_server.kill()
         (tmp_path / "go-0").touch()
         while not _all_at(tmp_path / "at-1"):  # every fit has found the server gone
