@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+LOADS: list[float] = []  # the 1-minute load average after each measurement
 sys.path.insert(0, str(REPO / "tests"))  # the servers and store builders of the tests
 
 
@@ -78,6 +79,7 @@ def per_epoch(postgres: Any, work: Path, epochs: int) -> dict[str, Any]:
                     "epoch": _summary([s for fit in found for s in fit["epoch_s"]]),
                     "end": _summary([fit["end_s"] for fit in found]),
                 }
+                LOADS.append(os.getloadavg()[0])
                 print(store, load, results[f"{store}, {load}"], flush=True)
         finally:
             if server:
@@ -138,6 +140,7 @@ def team_size(postgres: Any, work: Path, rounds: int) -> dict[str, Any]:
                 "process_s": statistics.median(whole),
                 "work_s": statistics.median(inside),
             }
+            LOADS.append(os.getloadavg()[0])
             print(name, results[name], flush=True)
         chosen = []
         for _ in range(rounds):
@@ -160,8 +163,8 @@ def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"cores; Python {platform.python_version()}, torch {torch.__version__}, "
         f"mlflow {mlflow.__version__}, PostgreSQL 15",
         f"- Command: `python -m benchmarks.team --epochs {args.epochs} --rounds {args.rounds}`",
-        f"- Load average (1 min) at the start and the end: {results['load'][0]:.1f}, "
-        f"{os.getloadavg()[0]:.1f} (other work on the machine inflates every figure)",
+        f"- Load average (1 min), sampled after each measurement: {min(LOADS):.1f} to "
+        f"{max(LOADS):.1f} (other work on the machine inflates every figure)",
         "- Fits: the rings, 256 rows in batches of 32, one torch thread each; a 2-process DDP "
         "fit beside 8 one-process fits makes 9 fits at once on 2 cores. Servers: `mlflow server` "
         "with one worker, without MLflow's job runner.",
@@ -213,7 +216,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Postgres() as postgres:
         migrate(postgres.create(MIGRATED))
         results = {
-            "load": os.getloadavg(),
             "per_epoch": per_epoch(postgres, Path(tmp), args.epochs),
             "team_size": team_size(postgres, Path(tmp), args.rounds),
         }
