@@ -174,7 +174,7 @@ def test_two_nodes_make_one_run_equal_to_one_process(
     for key, value in zero["state"].items():
         assert torch.equal(one["state"][key], value), key
         assert torch.equal(zero["best"][f"net.{key}"], value), key
-    # Node 0 alone writes checkpoints, in its folder; node 1 restored the same weights from it.
+    # Node 0 alone writes checkpoints, in its folder; node 1 got the same best weights from it.
     assert Path(zero["best_path"]).parent == tmp_path / "node0" / "checkpoints"
     assert one["best_path"] == zero["best_path"]
     assert not list((tmp_path / "node1").rglob("*.ckpt"))
