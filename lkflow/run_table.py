@@ -63,7 +63,7 @@ def table_runs(
         max_runs: How many runs the table shows.
 
     Returns:
-        The runs, newest first.
+        The runs, newest first (oldest first for `-start`).
 
     Example:
         >>> len(table_runs(client, ["1"], "start", 20))  # doctest: +SKIP
