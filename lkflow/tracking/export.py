@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import shutil
 import sys
 import sysconfig
@@ -45,19 +46,55 @@ if TYPE_CHECKING:
     from lkflow.tracking.writes import ModelWrite, State
 
 
-def net_of(pl_module: pl.LightningModule) -> nn.Module:
-    """The bare net of an lkflow.LightModel (its `net`), else the module itself."""
-    net: nn.Module = getattr(pl_module, "net", pl_module)
-    return net
+_NET_ATTRIBUTES = ("net", "model")  # a module's submodules served without being named
+
+
+def served_attribute(pl_module: pl.LightningModule, name: str | None = None) -> str | None:
+    """The submodule of `pl_module` that is served, by its attribute: `name` (a dotted path such
+    as "model.backbone" too), else the module's `net` (an lkflow.LightModel's bare net) or
+    `model` when it has such a submodule; None for the module itself.
+
+    Raises:
+        LkflowError: `name` is no submodule of `pl_module`; the message lists its submodules.
+
+    Example:
+        >>> served_attribute(LitAutoEncoder(encoder, decoder), "encoder")
+        'encoder'
+    """
+    from torch import nn
+
+    if name is None:
+        found = (a for a in _NET_ATTRIBUTES if isinstance(getattr(pl_module, a, None), nn.Module))
+        return next(found, None)
+    try:
+        pl_module.get_submodule(name)
+    except AttributeError:
+        children = [child for child, _ in pl_module.named_children()]
+        close = difflib.get_close_matches(name, children, n=1)
+        hint = f" Did you mean net={close[0]!r}?" if close else ""
+        raise LkflowError(
+            f"Received: net={name!r}, which is no submodule of {type(pl_module).__name__}. "
+            f"Expected the attribute of the net to serve, one of {children}, or net=None "
+            f"for its `net` or `model`, else the module itself.{hint}"
+        ) from None
+    return name
+
+
+def net_of(pl_module: pl.LightningModule, attribute: str | None = None) -> nn.Module:
+    """The served net: the submodule at `attribute` (`served_attribute`), else the module."""
+    return pl_module.get_submodule(attribute) if attribute else pl_module
 
 
 def best_net(
-    pl_module: pl.LightningModule, state_dict: dict[str, torch.Tensor] | None
+    pl_module: pl.LightningModule,
+    state_dict: dict[str, torch.Tensor] | None,
+    attribute: str | None = None,
 ) -> nn.Module:
-    """A CPU copy of the bare net in eval mode, with the best checkpoint's weights."""
-    net = copy.deepcopy(net_of(pl_module)).cpu().eval()
+    """A CPU copy of the served net in eval mode, with the best checkpoint's weights (the
+    module's `state_dict`, of which the net's entries are those under `attribute`)."""
+    net = copy.deepcopy(net_of(pl_module, attribute)).cpu().eval()
     if state_dict is not None:
-        prefix = "net." if hasattr(pl_module, "net") else ""
+        prefix = f"{attribute}." if attribute else ""
         own = {key[len(prefix) :]: v for key, v in state_dict.items() if key.startswith(prefix)}
         net.load_state_dict(own)
     return net
@@ -149,7 +186,7 @@ def save_model(net: nn.Module, example: Inputs | None, path: Path, mlflow_model:
         _warn_unregistered(
             name,
             "the fit took no input example from the first batch",
-            "override example_input(batch) to return what the net takes from a batch",
+            _EXAMPLE_FIX,
         )
         return False
     try:
@@ -181,10 +218,16 @@ def save_model(net: nn.Module, example: Inputs | None, path: Path, mlflow_model:
     return answer is None
 
 
+_EXAMPLE_FIX = (
+    "pass MLflowCallback(example_input=fn), fn(batch) returning what the net takes (a tensor, "
+    "a tuple or a dict of tensors), or set the module's example_input_array, or override "
+    "example_input(batch) of an lkflow.LightModel"
+)
 _FIX = (
-    "make example_input(batch) return what the net takes (a tensor, a tuple or a dict of "
-    "tensors), the net return a tensor, a tuple or a dict of tensors, and its forward trace "
-    "with torch.export"
+    "make example_input(batch) (or MLflowCallback(example_input=fn), or example_input_array) "
+    "give what the net takes (a tensor, a tuple or a dict of tensors), the net return a tensor, "
+    "a tuple or a dict of tensors, and its forward trace with torch.export; or serve another "
+    "submodule with MLflowCallback(net=...)"
 )
 _PICKLE_LOADING = (
     ". MLflow loads it as it is (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false refuses it); "
