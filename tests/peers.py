@@ -12,6 +12,8 @@ lkflow: the tests track them with `MLflowCallback` unchanged.
 - `LitTabular`: a module with `example_input_array` (Lightning's API: a tuple is passed by
   position), two inputs `forward(x_num, x_cat)`, and no `net` or `model` submodule.
 - `DigitsData`: a LightningDataModule of the digits, for LightningCLI.
+
+`flattened(batch)` is the autoencoder's encoder input, for `MLflowCallback(example_input=...)`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class LitAutoEncoder(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = optim.Adam(self.parameters(), lr=1e-3)
         return optimizer
+
+
+def flattened(batch):
+    """The encoder's input in a batch, as `training_step` makes it."""
+    x, _ = batch
+    return x.view(x.size(0), -1)
 
 
 def autoencoder() -> LitAutoEncoder:

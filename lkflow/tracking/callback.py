@@ -74,7 +74,7 @@ from lkflow.tracking.artifacts import (
     summary_text,
 )
 from lkflow.tracking.example import input_example
-from lkflow.tracking.export import best_net, net_of, saved_model, served_attribute
+from lkflow.tracking.export import best_net, has_forward, net_of, saved_model, served_attribute
 from lkflow.tracking.logger import RunLogger
 from lkflow.tracking.metrics import MetricRows
 from lkflow.tracking.outbox import DEFAULT_DIR
@@ -195,6 +195,7 @@ class MLflowCallback(pl.Callback):
         self._rows = MetricRows()
         self._source: RowsSource | None = None  # where the epoch rows come from
         self._attribute: str | None = None  # the served submodule; None: the module
+        self._forward = True  # whether the served net has a forward, to export and summarize
         self._logger: RunLogger | None = None  # the logger into the run, where this added one
         self._example: Inputs | None = None
         self._example_done = False
@@ -216,6 +217,7 @@ class MLflowCallback(pl.Callback):
         check_reachable(uri)
         self._reset()
         self._attribute = attribute
+        self._forward = has_forward(pl_module, attribute)
         self._source = rows_source(trainer, pl_module)
         self._outbox_root = Path(self.outbox_dir).resolve()
         self._restored = {}
@@ -393,14 +395,14 @@ class MLflowCallback(pl.Callback):
         best = best_checkpoint(trainer, rows)
         net = best_net(pl_module, best.state_dict, self._attribute)
         example = None if self._example is None else to_device(self._example, "cpu")
-        table = summary_text(net, example)
+        table = summary_text(net, example) if self._forward else ""
         with fit_files(rows, net, table) as files:
             writer.send(files)
         checkpoints = checkpoints_write(trainer, last=False)
         if checkpoints is not None:
             writer.send(checkpoints)
         logged = False
-        if self.log_model:
+        if self.log_model and self._forward:
             ids = (run.run_id, run.experiment_id)
             with saved_model(net, example, *ids, run.params, best.epoch) as (model, servable):
                 model_id = None if model is None else writer.send(model)

@@ -80,6 +80,32 @@ def served_attribute(pl_module: pl.LightningModule, name: str | None = None) -> 
     return name
 
 
+def has_forward(pl_module: pl.LightningModule, attribute: str | None) -> bool:
+    """Whether the served net defines a `forward` of its own; one warning, naming the module's
+    submodules, where it does not (a LightningModule such as Lightning's quick-start
+    autoencoder): the run then gets no model and no layer table.
+
+    Example:
+        >>> has_forward(LitAutoEncoder(encoder, decoder), None)  # warns: net='encoder'?
+        False
+    """
+    import pytorch_lightning as pl
+    from torch import nn
+
+    net = net_of(pl_module, attribute)
+    if type(net).forward not in (nn.Module.forward, pl.LightningModule.forward):
+        return True
+    children = [child for child, _ in net.named_children()]
+    warnings.warn(
+        f"{type(net).__name__} has no forward of its own, so the run gets no MLflow model "
+        "and no layer table (everything else is logged). Fix: pass "
+        f"MLflowCallback(net=...) naming the submodule to serve, one of {children}, or "
+        "define forward.",
+        stacklevel=3,
+    )
+    return False
+
+
 def net_of(pl_module: pl.LightningModule, attribute: str | None = None) -> nn.Module:
     """The served net: the submodule at `attribute` (`served_attribute`), else the module."""
     return pl_module.get_submodule(attribute) if attribute else pl_module

@@ -10,6 +10,7 @@ served by `mlflow models serve`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,14 @@ import pytorch_lightning as pl
 import torch
 from helpers import fresh_store
 from mlflow import MlflowClient
-from peers import DigitsData, LitClassifier, LitTabular, autoencoder, tabular_loaders
+from peers import (
+    DigitsData,
+    LitClassifier,
+    LitTabular,
+    autoencoder,
+    flattened,
+    tabular_loaders,
+)
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, MLFlowLogger
 from servers import Server, free_port, lkflow_free_env, lkflow_free_python, post
@@ -164,7 +172,7 @@ def autoencoder_fit(fit_in: Callable[..., Any]) -> Fitted:
         parts["tracker"] = lkflow.MLflowCallback(
             registered_model_name="encoder",
             net="encoder",
-            example_input=lambda batch: batch[0].view(batch[0].size(0), -1),
+            example_input=flattened,
         )
         parts["checkpoint"] = ModelCheckpoint(monitor="val_loss")
         return {
@@ -399,3 +407,80 @@ def test_tabular_module_is_served_by_mlflow_models_serve(
     with torch.no_grad():
         expected = tabular_fit.module.eval()(x_num[:7], x_cat[:7])
     np.testing.assert_allclose(np.array(answer["predictions"]), expected.numpy(), **TOLERANCE)
+
+
+# ---- LightningCLI, from a YAML config ---------------------------------------------------------
+
+CONFIG = """
+seed_everything: 0
+trainer:
+  max_epochs: 2
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+model:
+  hidden: 16
+  lr: 0.05
+data:
+  rows: 320
+"""
+
+CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: lkflow.MLflowCallback
+      init_args:
+        experiment_name: from-yaml
+        registered_model_name: false
+        net: model
+        example_input: peers.flattened
+        step_metrics: false
+        tags: {team: digits}
+"""
+
+
+def test_lightning_cli_fits_with_the_callback_added_on_its_command_line(
+    tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the arguments are `args`
+
+    Path("digits.yaml").write_text(CONFIG)
+    args = ["fit", "--config", "digits.yaml", "--trainer.callbacks+=lkflow.MLflowCallback"]
+    cli = LightningCLI(
+        LitClassifier, DigitsData, args=[*args, "--trainer.callbacks.experiment_name=cli"]
+    )
+    (tracker,) = [c for c in cli.trainer.callbacks if isinstance(c, lkflow.MLflowCallback)]
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(tracker.run_id_)
+    assert client.get_experiment(run.info.experiment_id).name == "cli"
+    assert run.info.status == "FINISHED"
+    assert {key: run.data.params[key] for key in ("hidden", "lr", "epochs")} == {
+        "hidden": "16",
+        "lr": "0.05",
+        "epochs": "2",
+    }
+    for key in ("train_loss", "valid_acc", "val_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    # Lightning's own ModelCheckpoint, in its folder for a Trainer without loggers
+    best = Path(cli.trainer.checkpoint_callback.best_model_path)
+    assert best.parent == Path.cwd() / "checkpoints"
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert files == {f"checkpoints/{best.name}"}
+    assert tracker.model_version_ is not None and tracker.model_version_.name == "cli"
+
+
+def test_lightning_cli_makes_the_callback_of_a_yaml_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+    Path("digits.yaml").write_text(CONFIG)
+    Path("callbacks.yaml").write_text(CALLBACKS)
+    args = ["--config", "digits.yaml", "--config", "callbacks.yaml"]
+    cli = LightningCLI(LitClassifier, DigitsData, run=False, args=args)
+    (tracker,) = [c for c in cli.trainer.callbacks if isinstance(c, lkflow.MLflowCallback)]
+    assert (tracker.experiment_name, tracker.registered_model_name) == ("from-yaml", False)
+    assert (tracker.net, tracker.example_input, tracker.step_metrics) == ("model", flattened, False)
+    assert tracker.tags == {"team": "digits"}
