@@ -12,12 +12,14 @@ run once it is open (writes before the first batch wait for it), into its outbox
 tracking server is away. Rank zero only; params are the callback's, so `log_hyperparams`
 logs nothing.
 
-What the module logs with `self.log` reaches this logger with the key "epoch" that Lightning
-adds. Its epoch values are not logged here: the callback logs them as the epoch's row, at
-`step=epoch` (lkflow/tracking/rows.py). Its values of a step (`on_step=True`), which Lightning
-hands its loggers every `log_every_n_steps` already read to the host, are logged at the global
-step under the names Lightning gives them (`train_loss`, or `train_loss_step` beside an epoch
-value), unless the callback was made with `step_metrics=False`.
+What the module logs with `self.log` reaches this logger too: in training with the key "epoch"
+that Lightning adds, in validation's steps without it. Its epoch values are not logged here: the
+callback logs them as the epoch's row, at `step=epoch` (lkflow/tracking/rows.py). Its values of
+a step (`on_step=True`), which Lightning hands its loggers every `log_every_n_steps` already read
+to the host, are logged at the step Lightning gives (the global step; in validation, its count
+of the fit's validation batches) under the names Lightning gives them (`train_loss`, or
+`train_loss_step` beside an epoch value), unless the callback was made with
+`step_metrics=False`.
 """
 
 from __future__ import annotations
@@ -98,9 +100,10 @@ class RunLogger(Logger):
         writer = tracker.writer_
         if writer is None or not metrics:
             return  # no fit under way
-        if "epoch" in metrics:  # the module's `self.log` values
-            trainer = tracker.trainer_
-            if trainer is None or not tracker.step_metrics or not logging_step_values(trainer):
+        trainer = tracker.trainer_
+        in_step = trainer is not None and logging_step_values(trainer)
+        if "epoch" in metrics or (in_step and trainer is not None and trainer.validating):
+            if not (in_step and tracker.step_metrics):  # the module's `self.log` values
                 return  # an epoch's values, the epoch's row; or step values not wanted
             metrics = {key: value for key, value in metrics.items() if key != "epoch"}
         now = int(time.time() * 1000)
