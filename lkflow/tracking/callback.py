@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -91,7 +90,13 @@ from lkflow.tracking.run import (
     log_params,
     open_run,
 )
-from lkflow.tracking.store import check_reachable, check_tracking_uri, tracking_client
+from lkflow.tracking.store import (
+    beside_mlflow_logger,
+    check_reachable,
+    check_tracking_uri,
+    tracking_client,
+    tracking_uri_as_set,
+)
 from lkflow.tracking.writes import Writer
 
 if TYPE_CHECKING:
@@ -184,7 +189,7 @@ class MLflowCallback(pl.Callback):
         self.model_uri_: str | None = None
         self.model_version_: ModelVersion | None = None
         self.trainer_: pl.Trainer | None = None  # the Trainer of the fit under way
-        self._uri_when_made = _tracking_uri_as_set()
+        self._uri_when_made = tracking_uri_as_set()
         self._restored: dict[str, Any] = {}
         self._reset()
 
@@ -211,7 +216,7 @@ class MLflowCallback(pl.Callback):
         check_registered_model_name(self.registered_model_name)
         from mlflow import get_tracking_uri
 
-        uri = self.tracking_uri or _beside_mlflow_logger(trainer, self._uri_when_made)
+        uri = self.tracking_uri or beside_mlflow_logger(trainer, self._uri_when_made)
         uri = uri or get_tracking_uri()
         check_tracking_uri(uri)
         check_reachable(uri)
@@ -428,24 +433,3 @@ def _carry_on(what: str) -> Iterator[None]:
         yield
     except (MlflowException, OSError) as err:
         warnings.warn(f"Could not {what} in MLflow: {err}", stacklevel=3)
-
-
-def _tracking_uri_as_set() -> str | None:
-    """MLflow's tracking URI now, without importing MLflow: its own where it is imported (one
-    set with `mlflow.set_tracking_uri` included), else `MLFLOW_TRACKING_URI`; None for neither."""
-    if "mlflow" in sys.modules:
-        from mlflow import get_tracking_uri
-
-        return get_tracking_uri()
-    return os.environ.get("MLFLOW_TRACKING_URI")
-
-
-def _beside_mlflow_logger(trainer: pl.Trainer, uri_when_made: str | None) -> str | None:
-    """The tracking URI as it was when the callback was made, where the Trainer has an
-    `MLFlowLogger`: it sets MLflow's URI (and `MLFLOW_TRACKING_URI`) to its own when the fit
-    sets up, before any callback; MLflow's default where none was set. Else None."""
-    from pytorch_lightning.loggers import MLFlowLogger
-
-    if not any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers):
-        return None
-    return uri_when_made or f"sqlite:///{Path('mlflow.db').resolve()}"

@@ -1,11 +1,14 @@
-"""The servable model of a fit: the bare net with its best weights, saved as an MLflow model.
+"""The servable model of a fit: the served net with its best weights, saved as an MLflow model.
 
-    net = best_net(pl_module, best.state_dict)  # a CPU copy in eval mode
+    attribute = served_attribute(pl_module, net=None)  # "net" of a LightModel, "encoder", None
+    net = best_net(pl_module, best.state_dict, attribute)  # a CPU copy in eval mode
     with saved_model(net, example, run_id, experiment_id, params, step) as write:
         model_id = writer.send(write)  # a LoggedModel of the run
 
-The model follows the net's layout, read from the input example (`example_input` of the first
-batch, a few rows) and the net's outputs for it:
+The served net is a submodule the user names (`MLflowCallback(net="encoder")`), else the
+module's `net` (an lkflow.LightModel's bare net) or `model`, else the module itself. The model
+follows the net's layout, read from the input example (a few rows of the first batch's inputs,
+lkflow/tracking/example.py) and the net's outputs for it:
 - one tensor in, one tensor out: MLflow's pytorch flavor, the net exported with torch.export
   (its "pt2" format); a request `{"inputs": [[...], ...]}` answers `{"predictions": [...]}`;
 - any other net (a tuple or a dict of inputs, a tuple or a dict of outputs): a pyfunc model of
