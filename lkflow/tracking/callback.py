@@ -18,11 +18,11 @@ The module is an lkflow.LightModel or any LightningModule. What one fit logs, al
 - artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
   of the served net), `history.csv`, `curves.png`, `summary.txt`; one of these extras that
   cannot be made is left out with a warning, and the fit still finishes.
-- the model: the served net (a LightModel's bare net; another module's `net=` submodule, its
-  `net` or `model`, else the module itself) with the best weights, exported with torch.export
-  by its layout (a pickle with the net's code where export fails), linked to the run, and
-  registered with tags once it answers its input example (a few rows of the first batch's
-  inputs, example.py).
+- the model: the served net (a LightModel's bare net; another module's `net=` submodule, else
+  the module itself where it defines `forward`, else its `net` or `model`) with the best
+  weights, exported with torch.export by its layout (a pickle with the net's code where export
+  fails), linked to the run, and registered with tags once it answers its input example (a
+  few rows of the first batch's inputs, example.py).
 
 A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
@@ -136,8 +136,8 @@ class MLflowCallback(pl.Callback):
             not take are kept, for `lkflow sync`, relative to the working folder at fit
             start. Defaults to "mlruns-outbox".
         net: The attribute of the module's submodule to serve and register, such as
-            "encoder" (a dotted path too). Defaults to None: a LightModel's bare net, another
-            module's `net` or `model` submodule, else the module itself.
+            "encoder" (a dotted path too). Defaults to None: a LightModel's bare net; another
+            module itself where it defines `forward`, else its `net` or `model` submodule.
         example_input: A function of the first training batch that returns what the served
             net takes (a tensor, a tuple of tensors passed by position, or a dict passed by
             name); its first rows are the model's input example. Defaults to None: a

@@ -5,8 +5,9 @@
     with saved_model(net, example, run_id, experiment_id, params, step) as write:
         model_id = writer.send(write)  # a LoggedModel of the run
 
-The served net is a submodule the user names (`MLflowCallback(net="encoder")`), else the
-module's `net` (an lkflow.LightModel's bare net) or `model`, else the module itself. The model
+The served net is a submodule the user names (`MLflowCallback(net="encoder")`), else an
+lkflow.LightModel's bare `net`, else the module itself where it defines `forward`, else its
+`net` or `model` submodule. The model
 follows the net's layout, read from the input example (a few rows of the first batch's inputs,
 lkflow/tracking/example.py) and the net's outputs for it:
 - one tensor in, one tensor out: MLflow's pytorch flavor, the net exported with torch.export
@@ -49,13 +50,14 @@ if TYPE_CHECKING:
     from lkflow.tracking.writes import ModelWrite, State
 
 
-_NET_ATTRIBUTES = ("net", "model")  # a module's submodules served without being named
+_NET_ATTRIBUTES = ("net", "model")  # the submodules served of a module without a forward
 
 
 def served_attribute(pl_module: pl.LightningModule, name: str | None = None) -> str | None:
-    """The submodule of `pl_module` that is served, by its attribute: `name` (a dotted path such
-    as "model.backbone" too), else the module's `net` (an lkflow.LightModel's bare net) or
-    `model` when it has such a submodule; None for the module itself.
+    """The submodule of `pl_module` that is served, by its attribute, or None for the module
+    itself: `name` (a dotted path such as "model.backbone" too); else an lkflow.LightModel's
+    bare `net`; else the module itself where it defines `forward` (Lightning's inference step);
+    else its `net` or `model` submodule, where it has one.
 
     Raises:
         LkflowError: `name` is no submodule of `pl_module`; the message lists its submodules.
@@ -66,7 +68,13 @@ def served_attribute(pl_module: pl.LightningModule, name: str | None = None) -> 
     """
     from torch import nn
 
+    from lkflow.model import LightModel
+
     if name is None:
+        if isinstance(pl_module, LightModel):
+            return "net"
+        if _defines_forward(pl_module):
+            return None
         found = (a for a in _NET_ATTRIBUTES if isinstance(getattr(pl_module, a, None), nn.Module))
         return next(found, None)
     try:
@@ -78,9 +86,16 @@ def served_attribute(pl_module: pl.LightningModule, name: str | None = None) -> 
         raise LkflowError(
             f"Received: net={name!r}, which is no submodule of {type(pl_module).__name__}. "
             f"Expected the attribute of the net to serve, one of {children}, or net=None "
-            f"for its `net` or `model`, else the module itself.{hint}"
+            f"for the module itself (its `net` or `model` without a forward).{hint}"
         ) from None
     return name
+
+
+def _defines_forward(net: nn.Module) -> bool:
+    import pytorch_lightning as pl
+    from torch import nn
+
+    return type(net).forward not in (nn.Module.forward, pl.LightningModule.forward)
 
 
 def has_forward(pl_module: pl.LightningModule, attribute: str | None) -> bool:
@@ -92,11 +107,8 @@ def has_forward(pl_module: pl.LightningModule, attribute: str | None) -> bool:
         >>> has_forward(LitAutoEncoder(encoder, decoder), None)  # warns: net='encoder'?
         False
     """
-    import pytorch_lightning as pl
-    from torch import nn
-
     net = net_of(pl_module, attribute)
-    if type(net).forward not in (nn.Module.forward, pl.LightningModule.forward):
+    if _defines_forward(net):
         return True
     children = [child for child, _ in net.named_children()]
     warnings.warn(

@@ -302,7 +302,7 @@ def test_classifier_params_come_from_its_hparams_optimizer_trainer_and_data(
         "batch_size": "64",
         "train_size": "480",
         "val_size": "160",
-        "net": "Sequential",  # the module's `model`
+        "net": "LitClassifier",  # the module itself, by its forward
     }
     assert {key: params.get(key) for key in expected} == expected
 
@@ -322,14 +322,14 @@ def test_classifier_per_step_values_are_what_an_mlflowlogger_elsewhere_got(
     assert len(fitted.client.search_runs([fitted.tracker.experiment_id_])) == 1
 
 
-def test_classifier_registers_its_model_submodule(classifier_fit: Fitted) -> None:
+def test_classifier_registers_itself_by_its_forward(classifier_fit: Fitted) -> None:
     images, _ = next(iter(classifier_fit.loaders[1]))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", classifier_fit.uri)
         served = mlflow.pyfunc.load_model("models:/digits/1")  # the experiment's name
     assert served.metadata.flavors.keys() >= {"pytorch", "python_function"}
     with torch.no_grad():
-        expected = classifier_fit.module.model.eval()(images)  # the module's `model`
+        expected = classifier_fit.module.eval()(images)
     np.testing.assert_allclose(served.predict(images.numpy()), expected.numpy(), **TOLERANCE)
 
 
