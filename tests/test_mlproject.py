@@ -110,7 +110,7 @@ def test_mlflow_run_main_logs_into_one_run_and_registers_the_net(
     assert params["task"] == "examples/rings.py:task" and params["optimizer.lr"] == "0.01"
     for metric in ("loss", "acc", "val_loss", "val_acc"):
         history = client.get_metric_history(run.info.run_id, metric)
-        assert [point.step for point in history] == [0, 1]
+        assert [point.step for point in history] == [1, 2]
     (version,) = client.search_model_versions("name = 'rings-net'")
     assert version.run_id == run.info.run_id and version.tags["monitor"] == "val_loss"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == [
