@@ -20,9 +20,11 @@
   left out of that epoch's row rather than repeated. Values logged only per step are not
   rows: Lightning hands them to the Trainer's loggers (lkflow/tracking/logger.py).
 
-A row is closed once its epoch's `on_train_epoch_end` hooks have run, so it also reaches the
-checkpoints that `ModelCheckpoint` writes at that epoch's end (the callback's state), and a
-resumed fit carries the rows of the epochs before it.
+An epoch's row is made when the next epoch starts or training ends, once Lightning has reduced
+and handed on the epoch's values; a checkpoint that `ModelCheckpoint` writes at the epoch's end
+(after the module's `on_train_epoch_end`) already holds it in the callback's state, so a fit
+resumed from that checkpoint carries the rows up to its epoch. Each row is read to the host
+once, as it is made: nothing is read while the epoch trains.
 """
 
 from __future__ import annotations
