@@ -23,8 +23,8 @@
 An epoch's row is made when the next epoch starts or training ends, once Lightning has reduced
 and handed on the epoch's values; a checkpoint that `ModelCheckpoint` writes at the epoch's end
 (after the module's `on_train_epoch_end`) already holds it in the callback's state, so a fit
-resumed from that checkpoint carries the rows up to its epoch. Each row is read to the host
-once, as it is made: nothing is read while the epoch trains.
+resumed from that checkpoint carries the rows up to its epoch. The values are read to the host
+as a row is made (and as such a checkpoint is written): never while the epoch trains.
 """
 
 from __future__ import annotations
