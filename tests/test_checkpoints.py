@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 from helpers import (
     ROOT,
+    SQLITE_ONLY,
     Net,
     Worker,
     finished,
@@ -236,6 +237,7 @@ def stalling_worker(tmp_path: Path) -> Worker:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stall_in", ["save", "next_epoch"])
+@SQLITE_ONLY  # the checkpoint's timing; a killed fit's resume on both: test_reliability.py
 def test_a_fit_killed_around_a_checkpoint_resumes_without_duplicate_or_missing_steps(
     tracking_uri: str,
     stalling_worker: Worker,

@@ -9,6 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from helpers import SQLITE_ONLY
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -83,6 +84,7 @@ def test_tabular_task_reads_its_params_and_batches_two_inputs_and_a_target() -> 
     assert default.model.net.embed.embedding_dim == 4 and default.train_data.batch_size == 64
 
 
+@SQLITE_ONLY
 def test_tabular_task_trains_past_90_percent_and_registers_named_inputs(
     tracking_uri: str,
 ) -> None:

@@ -12,7 +12,16 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import Worker, fit_quietly, full_pass, keras_model, only_run, steps, wait_for
+from helpers import (
+    SQLITE_ONLY,
+    Worker,
+    fit_quietly,
+    full_pass,
+    keras_model,
+    only_run,
+    steps,
+    wait_for,
+)
 from mlflow import MlflowClient
 
 import lkflow
@@ -131,6 +140,7 @@ def test_ctrl_c_reaches_the_caller_as_a_keyboard_interrupt(loaders):
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_sigterm_ends_the_run_killed_and_the_process_promptly_non_zero(
     tracking_uri: str, worker: Worker, tmp_path: Path, processes: list[subprocess.Popen]
 ) -> None:

@@ -16,6 +16,7 @@ from lkflow.tracking import MLflowCallback
 from lkflow.tracking.system_metrics import SystemMetrics
 
 
+@pytest.mark.parametrize("tracking_uri", ["sqlite"], indirect=True)  # the server's: UI tests
 @pytest.mark.parametrize(
     ("system_metrics", "switch", "sampled"),
     [(None, None, True), (False, None, False), (None, "false", False)],
