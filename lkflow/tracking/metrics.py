@@ -12,12 +12,13 @@ the best epoch's row can be linked to the logged model with the same values and 
 resumed fit first reads which steps its run holds, and logs only the rows of the others.
 
 The metrics linked to the model name the dataset they are computed on, as MLflow's UI shows
-them on the model's page: `val_*` (and `best_val_*`) the validation set, the other history
-values the training set; `lr` and `best_epoch` none.
+them on the model's page: `val_*` or `val/*` (and `best_val_*`) the validation set, the other
+epoch values the training set; `lr` and `best_epoch` none.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -155,11 +156,17 @@ class MetricRows:
 
 
 def _context(name: str) -> str | None:
-    """The data a logged value is computed on: `val_*` and `best_val_*` the validation set,
-    `lr` and `best_epoch` none, any other the training set."""
+    """The data a logged value is computed on: `val_*` (`val/*`, `valid_*`, `validation_*`)
+    and their `best_*` the validation set, `lr` and `best_epoch` none, any other the training
+    set.
+
+    Example:
+        >>> [_context(name) for name in ("val_loss", "best_val/acc", "loss", "lr", "best_epoch")]
+        ['validation', 'validation', 'training', None, None]
+    """
     if name == BEST_EPOCH_METRIC:
         return None
     bare = name.removeprefix(BEST_PREFIX)
     if bare == "lr":
         return None
-    return VALIDATION if bare.startswith("val_") else TRAINING
+    return VALIDATION if re.match(r"(val|valid|validation)[^a-z0-9]", bare.lower()) else TRAINING

@@ -200,7 +200,7 @@ def link_version(client: MlflowClient, model_id: str | None, version: ModelVersi
         return
     tag = client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG)
     linked: list[dict[str, Any]] = json.loads(tag) if tag else []
-    entry = {"name": version.name, "version": version.version}
+    entry = {"name": version.name, "version": int(version.version)}  # a string over REST
     if any(
         (e.get("name"), str(e.get("version"))) == (version.name, str(version.version))
         for e in linked
