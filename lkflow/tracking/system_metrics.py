@@ -12,12 +12,13 @@ step), to the fit's store: the client's tracking URI, not MLflow's global one. O
 samples, so the figures are those of its machine (`pip install "lkflow[gpu]"` adds the GPUs').
 A fit shorter than one interval logs no sample.
 
-The sampling thread costs the training loop nothing it waits for: it reads the machine's
-counters with psutil and writes on its own. Its writes go straight to MLflow, not through the
-fit's outbox: when the tracking server stops answering, the thread ends on its first request
-that fails (one MLflow warning), and the system metrics of the outage are not kept, unlike
-the fit's own writes. `stop` waits for the thread only while the server answers, and at most
-`STOP_WAIT_S`, so a server gone away never holds up the end of a fit.
+The training loop never waits for the sampling thread: it reads the machine's counters with
+psutil and writes on its own, about 20 ms of CPU a sample, nothing measurable at the default
+interval (benchmarks/RESULTS.md, "System metrics"). Its writes go straight to MLflow, not
+through the fit's outbox: when the tracking server stops answering, the thread ends on its
+first request that fails (one MLflow warning), and the system metrics of the outage are not
+kept, unlike the fit's own writes. `stop` waits for the thread only while the server answers,
+and at most `STOP_WAIT_S`, so a server gone away never holds up the end of a fit.
 """
 
 from __future__ import annotations
