@@ -1,0 +1,380 @@
+"""`lkflow sweep` end to end: real sweeps of the rings task into a real sqlite store and study, one
+parent run with a child run per trial, pruning, the champion served, processes sharing a study,
+a sweep stopped and continued, failed trials, bad input."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner, Result
+from helpers import fresh_store, wait_for
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from optuna.trial import TrialState
+from servers import BIN, Server, bin_path_env, free_port, post
+
+from lkflow.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+RINGS = f"{ROOT}/examples/rings.py:task"
+SPACE = ("--space", "lr=loguniform(1e-4,1e-1)", "--space", "hidden=int(4,32,log)")
+QUICK = ("--epochs", "2", "--gpus", "0", "--seed", "0", "--heartbeat", "1")
+ROWS = ("--param", "rows=400")
+
+# The rings task with hooks for these tests, at the first batch of a trial: SWEEP_BARRIER=N
+# holds each process's first trial until N processes have started one; SWEEP_STALL stalls the
+# trial (for a kill); a file `interrupt` raises KeyboardInterrupt, as Ctrl-C would; a file
+# `fail` makes the task itself raise.
+HOOKED_TASK = f"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+sys.path.insert(0, {str(ROOT / "examples")!r})
+from rings import task as rings_task
+
+
+class Hooks(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch != 0 or batch_idx != 0:
+            return
+        mine = Path(f"started-{{os.getpid()}}")
+        first = not mine.exists()
+        mine.touch()
+        wanted = int(os.environ.get("SWEEP_BARRIER", "0"))
+        deadline = time.monotonic() + 120
+        while first and len(list(Path().glob("started-*"))) < wanted:
+            assert time.monotonic() < deadline, "the other process never started a trial"
+            time.sleep(0.1)
+        if os.environ.get("SWEEP_STALL"):
+            Path("stalled").write_text(str(os.getpid()))
+            time.sleep(600)
+        if Path("interrupt").exists():
+            raise KeyboardInterrupt
+
+
+def task(options):
+    if Path("fail").exists():
+        raise ZeroDivisionError("the task failed on purpose")
+    built = rings_task(options)
+    built.fit_kwargs["callbacks"] = [Hooks()]
+    return built
+"""
+
+
+def _invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, ["sweep", *args])
+
+
+def _start(folder: Path, uri: str, *args: str, **env: str) -> subprocess.Popen:
+    """`lkflow sweep ARGS` in a process of its own in `folder`, output in sweep-<pid>.txt."""
+    log = open(folder / f"sweep-{len(list(folder.glob('sweep-*.txt')))}.txt", "w")  # noqa: SIM115
+    return subprocess.Popen(
+        [str(BIN / "lkflow"), "sweep", *args, "--tracking-uri", uri],
+        cwd=folder,
+        env={**bin_path_env(), **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _ended(process: subprocess.Popen, folder: Path) -> str:
+    process.wait(timeout=300)
+    output = "\n".join(path.read_text() for path in sorted(folder.glob("sweep-*.txt")))
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+@dataclass
+class Sweep:
+    """A sweep's runs as MLflow holds them, and its study as Optuna does."""
+
+    client: MlflowClient
+    parent: Run
+    children: list[Run]  # by trial number
+    study: optuna.Study
+
+
+def _sweep(uri: str, storage: str, study: str) -> Sweep:
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    children.sort(key=lambda run: int(run.data.tags["lkflow.sweep.trial"]))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return Sweep(client, parent, children, optuna.load_study(study_name=study, storage=storage))
+
+
+# ---- the rings task: 6 trials, 2 at a time, median pruning, the champion served -------------
+
+
+@pytest.fixture(scope="module")
+def rings_sweep(tmp_path_factory: pytest.TempPathFactory, migrated_store: Path) -> Iterator[Sweep]:
+    """`lkflow sweep` of the rings task: 6 trials, 2 at a time, lr and hidden sampled, the median
+    pruner after 1 complete trial. The study is created first with three trials enqueued, as
+    Optuna users do: two good ones, then one whose lr barely moves, so that one trial surely
+    falls behind the median at its first epoch, whatever the sampled ones do."""
+    folder = tmp_path_factory.mktemp("rings-sweep")
+    uri, storage = fresh_store(folder, migrated_store), f"sqlite:///{folder / 'sweep.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="rings", storage=storage, direction="minimize")
+    for lr, hidden in ((0.05, 16), (0.03, 8), (1e-4, 16)):
+        study.enqueue_trial({"lr": lr, "hidden": hidden})
+    args = ("--trials", "6", "--jobs", "2", "--startup-trials", "1", "--study", "rings")
+    more = ("--experiment-name", "rings", "--registered-model-name", "rings-sweep")
+    process = _start(folder, uri, RINGS, *args, *SPACE, *QUICK, "--param", "rows=2000", *more)
+    output = _ended(process, folder)
+    assert "Registered rings-sweep/1, alias champion: lkflow serve rings-sweep@champion" in output
+    yield _sweep(uri, storage, "rings")
+
+
+@pytest.mark.slow
+def test_one_parent_run_with_a_complete_child_run_per_trial(rings_sweep: Sweep) -> None:
+    parent, children, study = rings_sweep.parent, rings_sweep.children, rings_sweep.study
+    assert parent.info.status == "FINISHED" and len(children) == len(study.trials) == 6
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
+    assert {run.info.experiment_id for run in children} == {parent.info.experiment_id}
+    params = parent.data.params
+    assert (
+        params["space.lr"] == "loguniform(1e-4,1e-1)" and params["space.hidden"] == "int(4,32,log)"
+    )
+    assert params["pruner"] == "median" and params["startup_trials"] == "1"
+    assert params["sampler"].startswith("TPESampler") and params["study"] == "rings"
+    assert params["storage"].endswith("/sweep.db") and params["monitor"] == "val_loss"
+    artifacts = {a.path for a in rings_sweep.client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= artifacts
+    for trial, run in zip(study.trials, children, strict=True):
+        assert trial.user_attrs["lkflow.run_id"] == run.info.run_id
+        assert run.data.params["task.hidden"] == str(trial.params["hidden"])
+        assert float(run.data.params["optimizer.lr"]) == trial.params["lr"]
+        files = {a.path for a in rings_sweep.client.list_artifacts(run.info.run_id)}
+        assert {"checkpoints", "history.csv", "net", "summary.txt"} <= files
+
+
+@pytest.mark.slow
+def test_pruned_trials_keep_their_history_and_say_so(rings_sweep: Sweep) -> None:
+    client, study = rings_sweep.client, rings_sweep.study
+    states = [trial.state for trial in study.trials]
+    assert states[2] == TrialState.PRUNED  # the lr that barely moves, behind at once
+    for trial, run in zip(study.trials, rings_sweep.children, strict=True):
+        steps = sorted(p.step for p in client.get_metric_history(run.info.run_id, "val_loss"))
+        assert run.info.status == "FINISHED"
+        if trial.state == TrialState.PRUNED:
+            assert run.data.tags["lkflow.trial_state"] == "pruned"
+            assert run.data.tags["lkflow.pruned_epoch"] == str(steps[-1])
+            assert sorted(trial.intermediate_values) == steps  # reported at the history's epochs
+            assert len(steps) < int(rings_sweep.parent.data.params["epochs"])
+            assert "best_val_loss" in run.data.metrics
+            checkpoints = client.list_artifacts(run.info.run_id, "checkpoints")
+            assert any(a.path.endswith(".ckpt") and "last" not in a.path for a in checkpoints)
+        else:
+            assert trial.state == TrialState.COMPLETE and len(steps) == 2
+            assert run.data.tags["lkflow.trial_state"] == "complete"
+            assert trial.value == run.data.metrics["best_val_loss"]
+
+
+@pytest.mark.slow
+def test_the_best_is_the_lowest_best_val_loss_and_its_version_is_the_champion(
+    rings_sweep: Sweep,
+) -> None:
+    client, parent = rings_sweep.client, rings_sweep.parent
+    complete = [r for r in rings_sweep.children if r.data.tags["lkflow.trial_state"] == "complete"]
+    best = min(complete, key=lambda run: run.data.metrics["best_val_loss"])
+    assert parent.data.metrics["best_val_loss"] == best.data.metrics["best_val_loss"]
+    assert rings_sweep.study.best_value == best.data.metrics["best_val_loss"]
+    assert parent.data.tags["lkflow.sweep.best_run_id"] == best.info.run_id
+    assert parent.data.tags["best.hidden"] == best.data.params["task.hidden"]
+    (version,) = client.search_model_versions("name = 'rings-sweep'")  # the trials registered none
+    assert version.run_id == best.info.run_id
+    assert client.get_model_version_by_alias("rings-sweep", "champion").version == version.version
+    assert version.tags["monitor"] == "val_loss" and version.tags["mode"] == "min"
+    assert float(version.tags["monitor_value"]) == best.data.metrics["best_val_loss"]
+    assert parent.data.tags["lkflow.sweep.champion"] == "rings-sweep/1"
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_champion(rings_sweep: Sweep, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**bin_path_env(), "MLFLOW_TRACKING_URI": rings_sweep.client.tracking_uri}
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/rings-sweep@champion"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with Server(command, tmp_path, f"http://127.0.0.1:{port}/ping", env) as url:
+        status, answer = post(f"{url}/invocations", {"inputs": [[5.0, 0.3], [8.1, -0.2]]})
+    assert status == 200, answer
+    assert len(answer["predictions"]) == 2
+    assert all(0.0 <= row[0] <= 1.0 for row in answer["predictions"])
+
+
+# ---- processes sharing a study; a sweep stopped and continued ------------------------------
+
+
+@pytest.fixture
+def hooked(tmp_path: Path) -> str:
+    (tmp_path / "hooked.py").write_text(HOOKED_TASK)
+    return "hooked.py:task"
+
+
+@pytest.mark.slow
+def test_two_processes_started_together_add_to_one_study_under_one_parent(
+    tmp_path: Path, tracking_uri: str, hooked: str
+) -> None:
+    args = (hooked, "--trials", "2", "--study", "shared", *SPACE, *QUICK, *ROWS)
+    first, second = (_start(tmp_path, tracking_uri, *args, SWEEP_BARRIER="2") for _ in range(2))
+    _ended(first, tmp_path)
+    _ended(second, tmp_path)
+    sweep = _sweep(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", "shared")
+    assert len(list(tmp_path.glob("started-*"))) == 2  # each process ran one of the two trials
+    assert [t.state for t in sweep.study.trials] == [TrialState.COMPLETE] * 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in sweep.children} == {sweep.parent.info.run_id}
+    assert sweep.parent.info.status == "FINISHED" and len(sweep.children) == 2
+    assert len(sweep.client.search_model_versions("name = 'Net'")) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_continues_with_the_same_command(
+    tmp_path: Path, tracking_uri: str, hooked: str
+) -> None:
+    args = (hooked, "--trials", "2", "--study", "again", *SPACE, *QUICK, *ROWS)
+    process = _start(tmp_path, tracking_uri, *args, SWEEP_STALL="1")
+    wait_for(tmp_path / "stalled", process)
+    process.send_signal(signal.SIGKILL)  # mid-trial: its run and its trial are left RUNNING
+    process.wait()
+    storage = f"sqlite:///{tmp_path / 'sweep.db'}"
+    parent_before = _sweep(tracking_uri, storage, "again").parent.info.run_id
+
+    result = _invoke(*args, "--tracking-uri", tracking_uri)  # the same command, here
+    assert result.exit_code == 0, result.output
+    assert "Trial 0 stopped with its process (no heartbeat)" in result.output
+    sweep = _sweep(tracking_uri, storage, "again")
+    assert sweep.parent.info.run_id == parent_before and sweep.parent.info.status == "FINISHED"
+    killed, *others = sweep.study.trials
+    assert (
+        killed.state == TrialState.FAIL and [t.state for t in others] == [TrialState.COMPLETE] * 2
+    )
+    (retry,) = [t for t in others if t.user_attrs.get("lkflow.retry_of") == killed.number]
+    assert retry.params == killed.params
+    statuses = [(r.info.status, r.data.tags["lkflow.trial_state"]) for r in sweep.children]
+    assert statuses == [("KILLED", "killed"), ("FINISHED", "complete"), ("FINISHED", "complete")]
+    assert sweep.parent.data.metrics["trials_killed"] == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_trial_and_the_sweep_killed_and_the_same_command_continues(
+    tmp_path: Path, tracking_uri: str, hooked: str
+) -> None:
+    args = (hooked, "--trials", "1", "--study", "ctrl-c", *SPACE, *QUICK, *ROWS)
+    (tmp_path / "interrupt").touch()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        stopped = _invoke(*args)
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after a Ctrl-C
+    assert stopped.exit_code == 1 and "Aborted!" in stopped.output
+    storage = f"sqlite:///{tmp_path / 'sweep.db'}"
+    sweep = _sweep(tracking_uri, storage, "ctrl-c")
+    (child,) = sweep.children
+    assert (child.info.status, child.data.tags["lkflow.trial_state"]) == ("KILLED", "killed")
+    assert sweep.parent.info.status == "KILLED"
+    assert [t.state for t in sweep.study.trials] == [TrialState.FAIL, TrialState.WAITING]
+
+    (tmp_path / "interrupt").unlink()
+    assert _invoke(*args).exit_code == 0
+    sweep = _sweep(tracking_uri, storage, "ctrl-c")
+    assert sweep.parent.info.status == "FINISHED"
+    assert [t.state for t in sweep.study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert sweep.study.trials[1].params == sweep.study.trials[0].params
+
+
+@pytest.mark.slow
+def test_under_mlflow_run_the_parent_is_the_run_mlflow_created(
+    tmp_path: Path, tracking_uri: str, hooked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = MlflowClient(tracking_uri)
+    outer = client.create_run("0").info.run_id  # what `mlflow run` makes, then passes on
+    client.log_param(outer, "epochs", "2")  # `mlflow run -P epochs=2` logs its params first
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer)
+    result = _invoke(hooked, "--trials", "1", *SPACE, *QUICK, *ROWS)
+    assert result.exit_code == 0, result.output
+    sweep = _sweep(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", f"{hooked}@{outer}")
+    assert sweep.parent.info.run_id == outer and sweep.parent.data.params["space.lr"]
+    (child,) = sweep.children
+    assert child.data.tags["mlflow.parentRunId"] == outer and child.info.run_id != outer
+    assert "val_loss" in child.data.metrics and "val_loss" not in sweep.parent.data.metrics
+
+
+# ---- failures and bad input ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_failed_trials_end_failed_with_their_traceback_and_the_sweep_goes_on(
+    tmp_path: Path, tracking_uri: str, hooked: str
+) -> None:
+    (tmp_path / "fail").touch()
+    args = (hooked, "--study", "failing", *SPACE, *QUICK, *ROWS)
+    failed = _invoke(*args, "--trials", "1")
+    assert failed.exit_code == 1
+    error = failed.output.strip().splitlines()[-1]
+    assert error.startswith("Error: Every trial of sweep 'failing' failed. The first, trial 0")
+    assert "ZeroDivisionError: the task failed on purpose. Its traceback" in error
+    (tmp_path / "fail").unlink()
+    assert _invoke(*args, "--trials", "2").exit_code == 0
+    sweep = _sweep(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", "failing")
+    first, second = sweep.children
+    assert (first.info.status, first.data.tags["lkflow.trial_state"]) == ("FAILED", "failed")
+    assert first.data.tags["lkflow.error"] == "ZeroDivisionError: the task failed on purpose"
+    traceback = Path(sweep.client.download_artifacts(first.info.run_id, "traceback.txt"))
+    assert "raise ZeroDivisionError" in traceback.read_text()
+    assert second.data.tags["lkflow.trial_state"] == "complete"
+    assert (
+        sweep.parent.info.status == "FINISHED" and sweep.parent.data.metrics["trials_failed"] == 1
+    )
+    assert "lkflow.error" not in sweep.parent.data.tags
+    assert sweep.parent.data.tags["lkflow.previous_error"].startswith("Every trial of sweep")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--space", "lr=logunifrm(1e-4,1e-1)"), "unknown kind 'logunifrm'. Did you mean"),
+        (("--space", "hidden=int(4,2)"), "Received: --space hidden=int(4,2): low=4 is not below"),
+        ((), "no --space, and hooked.py has no space(trial) function"),
+        (("--space", "lr=uniform(0,1)", "--storage", "sweep.db"), "Expected a database URL"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_run_or_study(
+    tmp_path: Path, tracking_uri: str, hooked: str, args: tuple[str, ...], message: str
+) -> None:
+    result = _invoke(hooked, "--trials", "2", *args)
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: Received: ") and message in line
+    assert MlflowClient(tracking_uri).search_runs(["0"]) == []
+    assert not (tmp_path / "sweep.db").exists()
+
+
+def test_import_lkflow_and_its_help_leave_optuna_unloaded() -> None:
+    code = (
+        "import sys, lkflow, lkflow.cli, lkflow.sweep\n"
+        "from lkflow.cli import main\n"
+        "for args in (['--help'], ['sweep', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('optuna' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert (
+        "--space KEY=SPEC" in done.stdout and "lkflow sweep examples/rings.py:task" in done.stdout
+    )
