@@ -30,12 +30,12 @@ def _yaml(name: str) -> dict:
     return yaml.safe_load((ROOT / name).read_text())
 
 
-def test_conda_env_names_the_dependencies_of_pyproject() -> None:
+def test_conda_env_names_the_dependencies_of_pyproject_and_its_sweep_extra() -> None:
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+")
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     conda = _yaml("conda.yaml")["dependencies"]
     pip = next(item["pip"] for item in conda if isinstance(item, dict))
-    assert pip == dependencies
+    assert pip == project["dependencies"] + project["optional-dependencies"]["sweep"]
     assert "python=3.11" in conda and "pip" in conda
 
 
@@ -62,13 +62,40 @@ def test_entry_points_take_typed_params_and_run_the_checkouts_examples() -> None
         "seed": 123,
         "registered_model_name": "rings-net",
     }
-    assert list(project["entry_points"]) == ["main", "digits", "tabular"]
+    assert list(project["entry_points"]) == ["main", "digits", "tabular", "sweep"]
     for name, example in (("main", "rings"), ("digits", "digits"), ("tabular", "tabular")):
         entry = project["entry_points"][name]
         command = " ".join(entry["command"].split())
         assert command.startswith(f"python -m lkflow train examples/{example}.py:task --epochs")
         assert set(re.findall(r"{(\w+)}", command)) == set(entry["parameters"]) == set(ENTRY_PARAMS)
         assert (ROOT / "examples" / f"{example}.py").is_file()
+
+
+def test_the_sweep_entry_point_sweeps_the_rings_task_with_typed_params() -> None:
+    sweep = _yaml("MLproject")["entry_points"]["sweep"]
+    types = {key: spec["type"] for key, spec in sweep["parameters"].items()}
+    assert types == {
+        "trials": "int",
+        "jobs": "int",
+        "epochs": "int",
+        "pruner": "string",
+        "gpus": "string",
+        "registered_model_name": "string",
+    }
+    command = " ".join(sweep["command"].split())
+    assert command.startswith("python -m lkflow sweep examples/rings.py:task --trials {trials}")
+    assert set(re.findall(r"{(\w+)}", command)) == set(types)
+    assert "--space" not in command  # the task file's space(trial)
+    assert callable(getattr(_rings_module(), "space", None))
+
+
+def _rings_module() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlproject_rings", ROOT / "examples" / "rings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
