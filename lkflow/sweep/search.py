@@ -54,9 +54,11 @@ from lkflow.tasks import TaskOptions, build_task, load_task, task_params
 
 if TYPE_CHECKING:
     import optuna
+    from mlflow import MlflowClient
 
-    from lkflow.sweep.trial import Objective, TrialSetup
+    from lkflow.sweep.trial import TrialSetup
     from lkflow.tasks import Task
+    from lkflow.tracking.run import TrackedRun
 
 
 @dataclass(frozen=True)
@@ -101,88 +103,19 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         >>> run_sweep(SweepSettings("examples/rings.py:task", trials=6, jobs=2,
         ...           space=("lr=loguniform(1e-3,1e-1)",)))  # doctest: +SKIP
     """
-    from mlflow import get_tracking_uri
-
-    from lkflow.credentials import hide_credentials
-    from lkflow.sweep.study import check_storage
-    from lkflow.sweep.trial import StaleTrials, TrialSetup
-    from lkflow.tracking.registry import mode as guessed_mode
     from lkflow.tracking.registry import registered_name
-    from lkflow.tracking.store import check_reachable, check_tracking_uri, tracking_client
+    from lkflow.tracking.store import tracking_client
 
-    _check(settings)
-    import_optuna()
-    uri = settings.tracking_uri or get_tracking_uri()
-    check_tracking_uri(uri)
-    check_reachable(uri)
-    function = load_task(settings.target)
-    space = task_space(function, settings.space, settings.target)
-    probe = _probe(function, settings)
-    task_monitor = probe.fit_kwargs.get("monitor") or (
-        "val_loss" if probe.val_data is not None else "loss"
-    )
-    monitor = settings.monitor or task_monitor
-    task_mode = probe.fit_kwargs.get("mode", "min")
-    mode = settings.mode or (task_mode if monitor == task_monitor else guessed_mode(monitor))
-    storage_url = settings.storage or default_storage(uri)
-    check_storage(storage_url)
-    client = tracking_client(uri)
-    outer = outer_run_id()
-    name = settings.study or (settings.target if outer is None else f"{settings.target}@{outer}")
-
-    storage = open_storage(storage_url, settings.heartbeat_s, StaleTrials(uri))
-    sampler, sampler_params = make_sampler()
-    pruner, pruner_params = make_pruner(settings.pruner, settings.startup_trials)
-    direction: Literal["minimize", "maximize"] = "minimize" if mode == "min" else "maximize"
-    with study_lock(storage_url):  # this machine's processes one at a time
-        study, parent = open_sweep(
-            client,
-            storage,
-            name,
-            direction,
-            sampler,
-            pruner,
-            experiment_name=settings.experiment_name,
-            run_name=settings.run_name,
-        )
-    where = settings.target.rpartition(":")[0]
-    params = {
-        **task_params(settings.target, settings.options),
-        **(describe(space) if isinstance(space, list) else {"space": f"{where}:space"}),
-        **sampler_params,
-        **pruner_params,
-        "monitor": monitor,
-        "mode": mode,
-        "epochs": str(settings.epochs),
-        "study": name,
-        "storage": hide_credentials(storage_url),
-    }
-    if settings.options.seed is not None:
-        params["seed"] = str(settings.options.seed)
-    log_sweep_params(client, parent.run_id, params)
+    plan = _plan(settings)
+    client = tracking_client(plan.tracking_uri)
+    study, parent = _open(plan, client)
     registered = registered_name(
-        settings.registered_model_name, True, parent.experiment_name, type(probe.model.net).__name__
+        settings.registered_model_name, True, parent.experiment_name, plan.net_class
     )
-    setup = TrialSetup(
-        target=settings.target,
-        options=settings.options,
-        space=settings.space,
-        epochs=settings.epochs,
-        gpus=settings.gpus,
-        monitor=monitor,
-        mode=mode,
-        ckpt_dir=str(probe.fit_kwargs.get("ckpt_dir", "checkpoints")),
-        verbose=probe.fit_kwargs.get("verbose", 2) if settings.jobs == 1 else 0,
-        tracking_uri=uri,
-        experiment_id=parent.experiment_id,
-        parent_run_id=parent.run_id,
-        study=name,
-        registered_model_name=registered if settings.register_trials else None,
-    )
-    print(f"Sweep {name!r}: MLflow run {parent.run_id}, storage {hide_credentials(storage_url)}")
+    setup = _trial_setup(plan, parent, registered if settings.register_trials else None)
     job = Job(
         setup,
-        storage_url,
+        plan.storage,
         settings.trials,
         settings.heartbeat_s,
         settings.pruner,
@@ -193,19 +126,136 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
             work(job, study, wait=False)
         work(job, study, wait=True)
     except BaseException as stop:
-        _stopped(
-            client, parent.run_id, study, "FAILED" if isinstance(stop, Exception) else "KILLED"
-        )
+        status = "FAILED" if isinstance(stop, Exception) else "KILLED"
+        _stopped(client, parent.run_id, study, status)
         raise
-    with study_lock(storage_url):  # one process of this machine registers the champion
+    with study_lock(plan.storage):  # one process of this machine registers the champion
         return finish(
             client,
             parent.run_id,
             study,
-            monitor=monitor,
-            mode=mode,
+            monitor=plan.monitor,
+            mode=plan.mode,
             registered_model_name=registered,
         )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The settings resolved and checked, before anything is created."""
+
+    settings: SweepSettings
+    tracking_uri: str
+    space: dict[str, str]  # as the sweep's run records it
+    monitor: str
+    mode: Literal["min", "max"]
+    storage: str  # the study's database URL
+    study: str  # the study's name
+    net_class: str  # the task's net, for a default registered name
+    ckpt_dir: str  # the task's checkpoint folder
+    verbose: int  # the task's verbose
+
+
+def _plan(settings: SweepSettings) -> _Plan:
+    """Every setting checked and resolved: the space parsed, the task built once (its monitor,
+    mode, checkpoint folder and net), the storage and the study's name."""
+    from mlflow import get_tracking_uri
+
+    from lkflow.sweep.study import check_storage
+    from lkflow.tracking.registry import mode as guessed_mode
+    from lkflow.tracking.store import check_reachable, check_tracking_uri
+
+    _check(settings)
+    import_optuna()
+    uri = settings.tracking_uri or get_tracking_uri()
+    check_tracking_uri(uri)
+    check_reachable(uri)
+    function = load_task(settings.target)
+    space = task_space(function, settings.space, settings.target)
+    where = settings.target.rpartition(":")[0]
+    probe = _probe(function, settings)
+    kwargs = probe.fit_kwargs
+    task_monitor = kwargs.get("monitor") or ("val_loss" if probe.val_data is not None else "loss")
+    monitor = settings.monitor or task_monitor
+    task_mode = kwargs.get("mode", "min")
+    mode = settings.mode or (task_mode if monitor == task_monitor else guessed_mode(monitor))
+    storage = settings.storage or default_storage(uri)
+    check_storage(storage)
+    outer = outer_run_id()
+    name = settings.study or (settings.target if outer is None else f"{settings.target}@{outer}")
+    return _Plan(
+        settings=settings,
+        tracking_uri=uri,
+        space=describe(space) if isinstance(space, list) else {"space": f"{where}:space"},
+        monitor=monitor,
+        mode="max" if mode == "max" else "min",
+        storage=storage,
+        study=name,
+        net_class=type(probe.model.net).__name__,
+        ckpt_dir=str(kwargs.get("ckpt_dir", "checkpoints")),
+        verbose=int(kwargs.get("verbose", 2)) if settings.jobs == 1 else 0,
+    )
+
+
+def _open(plan: _Plan, client: MlflowClient) -> tuple[optuna.Study, TrackedRun]:
+    """The study and the sweep's run, found or made, and the run's params checked and logged."""
+    from lkflow.credentials import hide_credentials
+    from lkflow.sweep.trial import StaleTrials
+
+    settings = plan.settings
+    storage = open_storage(plan.storage, settings.heartbeat_s, StaleTrials(plan.tracking_uri))
+    sampler, sampler_params = make_sampler()
+    pruner, pruner_params = make_pruner(settings.pruner, settings.startup_trials)
+    direction: Literal["minimize", "maximize"] = "minimize" if plan.mode == "min" else "maximize"
+    with study_lock(plan.storage):  # this machine's processes one at a time
+        study, parent = open_sweep(
+            client,
+            storage,
+            plan.study,
+            direction,
+            sampler,
+            pruner,
+            experiment_name=settings.experiment_name,
+            run_name=settings.run_name,
+        )
+    params = {
+        **task_params(settings.target, settings.options),
+        **plan.space,
+        **sampler_params,
+        **pruner_params,
+        "monitor": plan.monitor,
+        "mode": plan.mode,
+        "epochs": str(settings.epochs),
+        "study": plan.study,
+        "storage": hide_credentials(plan.storage),
+    }
+    if settings.options.seed is not None:
+        params["seed"] = str(settings.options.seed)
+    log_sweep_params(client, parent.run_id, params)
+    print(f"Sweep {plan.study!r}: MLflow run {parent.run_id}, storage {params['storage']}")
+    return study, parent
+
+
+def _trial_setup(plan: _Plan, parent: TrackedRun, registered: str | None) -> TrialSetup:
+    from lkflow.sweep.trial import TrialSetup
+
+    settings = plan.settings
+    return TrialSetup(
+        target=settings.target,
+        options=settings.options,
+        space=settings.space,
+        epochs=settings.epochs,
+        gpus=settings.gpus,
+        monitor=plan.monitor,
+        mode=plan.mode,
+        ckpt_dir=plan.ckpt_dir,
+        verbose=plan.verbose,
+        tracking_uri=plan.tracking_uri,
+        experiment_id=parent.experiment_id,
+        parent_run_id=parent.run_id,
+        study=plan.study,
+        registered_model_name=registered,
+    )
 
 
 def _check(settings: SweepSettings) -> None:
@@ -247,7 +297,7 @@ class Job:
     startup_trials: int
 
 
-def work(job: Job, study: optuna.Study, *, wait: bool, objective: Objective | None = None) -> None:
+def work(job: Job, study: optuna.Study, *, wait: bool) -> None:
     """Runs trials of `study` until it holds `job.trials`; with `wait`, also waits while other
     processes' trials run (retrying those whose process died), until every trial has ended."""
     from optuna.storages import fail_stale_trials
@@ -257,8 +307,7 @@ def work(job: Job, study: optuna.Study, *, wait: bool, objective: Objective | No
     from lkflow.tracking.registry import BEST_PREFIX
 
     gate = Gate(job.storage)
-    objective = objective or Objective(job.setup)
-    objective.on_start = gate.open  # the trial exists: other processes may count from now on
+    objective = Objective(job.setup, on_start=gate.open)  # the trial exists: others may count
     metric = f"{BEST_PREFIX}{sanitize_key(job.setup.monitor)}"
     while True:
         with gate:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,11 +132,11 @@ class Objective:
 
     Args:
         setup: The sweep's settings for its trials.
-        on_start: Called with `trial` first thing, before anything is created (the sweep
+        on_start: Called first thing in each trial, before its run is created (the sweep
             lets other processes count and start trials from then on). Defaults to None.
     """
 
-    def __init__(self, setup: TrialSetup, on_start: Any = None) -> None:
+    def __init__(self, setup: TrialSetup, on_start: Callable[[], None] | None = None) -> None:
         from lkflow.tracking.store import tracking_client
 
         self.setup = setup
@@ -180,20 +181,20 @@ class Objective:
                 ckpt_dir=Path(setup.ckpt_dir) / run_id,
                 verbose=setup.verbose,
             )
+            if tracker.model_uri_ is not None:
+                trial.set_user_attr(MODEL_ATTR, tracker.model_uri_)
+            value = self._best_value(run_id) if pruning.pruned_epoch is None else None
         except Exception as err:
             self._failed(trial, run_id, err)
             raise
-        except BaseException:
+        except BaseException:  # Ctrl-C, SIGTERM: the trial runs again
             self._end(run_id, "KILLED", "killed")
             trial.set_user_attr(STATE_ATTR, "killed")
             retry(trial.study, trial)
             raise
-        if tracker.model_uri_ is not None:
-            trial.set_user_attr(MODEL_ATTR, tracker.model_uri_)
-        if pruning.pruned_epoch is not None:
+        if value is None:
             self._end(run_id, "FINISHED", "pruned", {PRUNED_EPOCH_TAG: str(pruning.pruned_epoch)})
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_epoch}")
-        value = self._best_value(run_id, tracker.model_uri_ is not None)
         self._end(run_id, "FINISHED", "complete")
         return value
 
@@ -215,8 +216,8 @@ class Objective:
         )
         return str(run.info.run_id)
 
-    def _best_value(self, run_id: str, logged: bool) -> float:
-        """The run's `best_<monitor>` as MLflow holds it."""
+    def _best_value(self, run_id: str) -> float:
+        """The run's `best_<monitor>` as MLflow holds it: the trial's value."""
         from lkflow.tracking.params import sanitize_key
         from lkflow.tracking.registry import BEST_PREFIX
 
@@ -224,8 +225,8 @@ class Objective:
         value = self.client.get_run(run_id).data.metrics.get(key)
         if value is None or not math.isfinite(value):
             raise LkflowError(
-                f"Received: a trial whose run {run_id} has no finite {key} (model logged: "
-                f"{logged}). Check that the task's fit monitors {self.setup.monitor!r}."
+                f"Received: trial run {run_id} without a finite {key} ({value}). Expected the "
+                f"fit's best {self.setup.monitor!r}; check that the task's history has it."
             )
         return float(value)
 

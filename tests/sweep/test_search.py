@@ -225,47 +225,38 @@ def hooked(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_two_processes_started_together_add_to_one_study_under_one_parent(
+def test_two_processes_share_a_study_and_one_retries_the_trial_of_the_other_killed(
     tmp_path: Path, tracking_uri: str, hooked: str
 ) -> None:
+    """Both start at once, each starts a trial (the barrier), one is killed mid-trial: the other
+    finds its trial silent, ends its run KILLED, runs it again, and finishes the study."""
     args = (hooked, "--trials", "2", "--study", "shared", *SPACE, *QUICK, *ROWS)
-    first, second = (_start(tmp_path, tracking_uri, *args, SWEEP_BARRIER="2") for _ in range(2))
-    _ended(first, tmp_path)
-    _ended(second, tmp_path)
+    killed = _start(tmp_path, tracking_uri, *args, SWEEP_BARRIER="2", SWEEP_STALL="1")
+    other = _start(tmp_path, tracking_uri, *args, SWEEP_BARRIER="2")
+    wait_for(tmp_path / "stalled", killed)
+    killed.send_signal(signal.SIGKILL)  # its run and its trial are left RUNNING
+    killed.wait()
+    output = _ended(other, tmp_path)
     sweep = _sweep(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", "shared")
-    assert len(list(tmp_path.glob("started-*"))) == 2  # each process ran one of the two trials
-    assert [t.state for t in sweep.study.trials] == [TrialState.COMPLETE] * 2
-    assert {r.data.tags["mlflow.parentRunId"] for r in sweep.children} == {sweep.parent.info.run_id}
-    assert sweep.parent.info.status == "FINISHED" and len(sweep.children) == 2
-    assert len(sweep.client.search_model_versions("name = 'Net'")) == 1
-
-
-@pytest.mark.slow
-def test_a_killed_sweep_continues_with_the_same_command(
-    tmp_path: Path, tracking_uri: str, hooked: str
-) -> None:
-    args = (hooked, "--trials", "2", "--study", "again", *SPACE, *QUICK, *ROWS)
-    process = _start(tmp_path, tracking_uri, *args, SWEEP_STALL="1")
-    wait_for(tmp_path / "stalled", process)
-    process.send_signal(signal.SIGKILL)  # mid-trial: its run and its trial are left RUNNING
-    process.wait()
-    storage = f"sqlite:///{tmp_path / 'sweep.db'}"
-    parent_before = _sweep(tracking_uri, storage, "again").parent.info.run_id
-
-    result = _invoke(*args, "--tracking-uri", tracking_uri)  # the same command, here
-    assert result.exit_code == 0, result.output
-    assert "Trial 0 stopped with its process (no heartbeat)" in result.output
-    sweep = _sweep(tracking_uri, storage, "again")
-    assert sweep.parent.info.run_id == parent_before and sweep.parent.info.status == "FINISHED"
-    killed, *others = sweep.study.trials
-    assert (
-        killed.state == TrialState.FAIL and [t.state for t in others] == [TrialState.COMPLETE] * 2
+    assert len(list(tmp_path.glob("started-*"))) == 2  # each process started a trial
+    lost = next(t for t in sweep.study.trials if t.state == TrialState.FAIL)
+    assert f"Trial {lost.number} stopped with its process (no heartbeat)" in output
+    (retry,) = [t for t in sweep.study.trials if t.user_attrs.get("lkflow.retry_of") == lost.number]
+    assert retry.params == lost.params and retry.state == TrialState.COMPLETE
+    assert sorted(t.state for t in sweep.study.trials) == sorted(
+        [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
     )
-    (retry,) = [t for t in others if t.user_attrs.get("lkflow.retry_of") == killed.number]
-    assert retry.params == killed.params
-    statuses = [(r.info.status, r.data.tags["lkflow.trial_state"]) for r in sweep.children]
-    assert statuses == [("KILLED", "killed"), ("FINISHED", "complete"), ("FINISHED", "complete")]
-    assert sweep.parent.data.metrics["trials_killed"] == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in sweep.children} == {sweep.parent.info.run_id}
+    states = {
+        r.data.tags["lkflow.sweep.trial"]: r.data.tags["lkflow.trial_state"] for r in sweep.children
+    }
+    assert states.pop(str(lost.number)) == "killed" and set(states.values()) == {"complete"}
+    lost_run = sweep.client.get_run(lost.user_attrs["lkflow.run_id"])
+    assert lost_run.info.status == "KILLED"
+    assert (
+        sweep.parent.info.status == "FINISHED" and sweep.parent.data.metrics["trials_killed"] == 1
+    )
+    assert len(sweep.client.search_model_versions("name = 'Net'")) == 1
 
 
 @pytest.mark.slow
