@@ -114,7 +114,8 @@ def open_sweep(
         if made.found is None:  # made here, but another process created the study first
             client.delete_run(made.run_id)
         study = find_study(storage, name, direction, sampler, pruner)
-        assert study is not None  # created by the other process
+        if study is None:  # created by the other process, and deleted at once
+            raise LkflowError(f"Study {name!r} was created and deleted meanwhile; run again.")
     recorded = _recorded_parent(study)
     if recorded is None:  # made by Optuna itself, or its lkflow creator stopped first
         run = _new_parent(client, name, experiment_name, run_name)
