@@ -41,10 +41,11 @@ def test_conda_env_names_the_dependencies_of_pyproject_and_its_sweep_extra() -> 
 
 def test_ci_tests_the_lower_bounds_that_pyproject_allows() -> None:
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+")
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dependencies = project["dependencies"] + project["optional-dependencies"]["sweep"]
     floors = dict(re.findall(r"^([\w-]+)>=([\d.]+)", "\n".join(dependencies), re.M))
     pinned = dict(re.findall(r"([\w-]+)==([\d.]+)", (ROOT / ".ci" / "run").read_text()))
-    for name in ("pytorch-lightning", "mlflow", "torchmetrics"):
+    for name in ("pytorch-lightning", "mlflow", "torchmetrics", "optuna"):
         assert pinned[name] == floors[name] + ".0" * (2 - floors[name].count(".")), name
 
 
