@@ -294,10 +294,11 @@ def test_under_mlflow_run_the_parent_is_the_run_mlflow_created(
     outer = client.create_run("0").info.run_id  # what `mlflow run` makes, then passes on
     client.log_param(outer, "epochs", "2")  # `mlflow run -P epochs=2` logs its params first
     monkeypatch.setenv("MLFLOW_RUN_ID", outer)
-    result = _invoke(hooked, "--trials", "1", *SPACE, *QUICK, *ROWS)
+    result = _invoke(hooked, "--trials", "1", "--pruner", "hyperband", *SPACE, *QUICK, *ROWS)
     assert result.exit_code == 0, result.output
     sweep = _sweep(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", f"{hooked}@{outer}")
     assert sweep.parent.info.run_id == outer and sweep.parent.data.params["space.lr"]
+    assert sweep.parent.data.params["pruner"] == "hyperband"
     (child,) = sweep.children
     assert child.data.tags["mlflow.parentRunId"] == outer and child.info.run_id != outer
     assert "val_loss" in child.data.metrics and "val_loss" not in sweep.parent.data.metrics
