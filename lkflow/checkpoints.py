@@ -36,6 +36,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from typing_extensions import override
 
 from lkflow.credentials import MASK, mask_secrets
+from lkflow.epoch_values import epoch_number
 from lkflow.errors import LkflowError
 from lkflow.internals import last_global_step_saved, record_save
 from lkflow.tracking.params import flatten
@@ -78,7 +79,8 @@ class CompleteCheckpointIO(TorchCheckpointIO):
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """Lightning's `ModelCheckpoint`, except that a save that fails leaves it as it was.
+    """Lightning's `ModelCheckpoint`, except that a save that fails leaves it as it was, and
+    that `{epoch}` in file names counts from 1, as everywhere else (`epoch_number`).
 
     Lightning records a new best before writing it, so a write that fails (a full disk)
     would leave `best_model_path` naming a file that is not there, and forget the previous
@@ -100,6 +102,18 @@ class BestCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
             for stale in Path(self.dirpath).glob(f"*.ckpt{_PARTIAL}"):  # left by a killed fit
                 stale.unlink(missing_ok=True)
+
+    @override
+    def format_checkpoint_name(
+        self,
+        metrics: dict[str, torch.Tensor],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        if "epoch" in metrics:  # Lightning's zero-based current_epoch
+            metrics = {**metrics, "epoch": torch.tensor(epoch_number(int(metrics["epoch"])))}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
 
     @override
     def _update_best_and_save(self, *args: Any, **kwargs: Any) -> None:

@@ -330,7 +330,14 @@ def _uri(client: MlflowClient) -> str:
     "a leading - reverses (--sort=-lr).",
 )
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a text table.")
-@click.option("--max", "max_runs", type=_POSITIVE, default=20, show_default=True)
+@click.option(
+    "--max",
+    "max_runs",
+    type=_POSITIVE,
+    default=20,
+    show_default=True,
+    help="Rows shown: the newest runs, or the first of all runs by --sort.",
+)
 @click.option("--tracking-uri", help=_TRACKING_URI_HELP)
 def runs(
     experiment: str | None, sort: str, as_csv: bool, max_runs: int, tracking_uri: str | None
@@ -346,18 +353,14 @@ def runs(
     experiments = (
         [listing.experiment(client, experiment)] if experiment else client.search_experiments()
     )
-    found = client.search_runs(
-        [e.experiment_id for e in experiments],
-        max_results=max_runs,
-        order_by=["attributes.start_time DESC"],
-    )
+    found = listing.table_runs(client, [e.experiment_id for e in experiments], sort, max_runs)
     if not found:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         click.echo(f"No runs in {where} at {_uri(client)}.")
         return
     several = len({run.info.experiment_id for run in found}) > 1
     names = {e.experiment_id: e.name for e in experiments} if several else {}
-    table = listing.sort_runs(listing.runs_frame(found, names), sort)
+    table = listing.sort_runs(listing.runs_frame(found, names), sort).head(max_runs)
     if as_csv:
         click.echo(table.to_csv(index=False), nl=False)
     else:

@@ -24,6 +24,21 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
 
+def epoch_number(current_epoch: int) -> int:
+    """The number a person reads for Lightning's zero-based `current_epoch`: epochs count from 1.
+
+    One convention everywhere an epoch is shown or recorded: the line per epoch ("Epoch 3/10"),
+    the history's `epoch`, the MLflow metric steps, `best_epoch`, checkpoint file names and
+    curves. Lightning's own counters (`trainer.current_epoch`, a checkpoint's "epoch") stay
+    zero-based inside.
+
+    Example:
+        >>> epoch_number(0)
+        1
+    """
+    return current_epoch + 1
+
+
 class EpochValues:
     """Sums of `value * rows` and row counts on the device; read once per epoch.
 
@@ -102,7 +117,7 @@ class EpochRows:
         return self.stages[stage].compute(strategy, prefix="" if stage == "train" else f"{stage}_")
 
     def train_row(self, epoch: int, train: Mapping[str, float]) -> dict[str, float]:
-        """The history row of training epoch `epoch`, whose values are `train`."""
+        """The history row of training epoch `epoch` (`epoch_number`), whose values are `train`."""
         row = {"epoch": epoch, **train, **self.val_row}
         if self.lr is not None:
             row["lr"] = self.lr

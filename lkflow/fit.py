@@ -118,7 +118,7 @@ def fit_model(
     trainer_kwargs: dict[str, Any],
 ) -> None:
     """Trains `model` with checked arguments, then leaves in it the history, the MLflow run id
-    and the best epoch's weights. Without `ckpt_path` the history starts empty."""
+    and the best epoch's weights (on every rank). Without `ckpt_path` the history starts empty."""
     if ckpt_path is None:
         model.history = []
     with quiet(verbose):
@@ -130,7 +130,7 @@ def fit_model(
         model.run_id = callbacks.tracker.run_id_
     if trains_in_child_processes(trainer):
         _take_back_from_workers(model, callbacks.best, callbacks.tracker)
-    _restore_best(model, callbacks.best.best_model_path)
+    _restore_best(model, trainer, callbacks.best.best_model_path)
 
 
 def _take_back_from_workers(
@@ -152,10 +152,21 @@ def _take_back_from_workers(
         model.run_id = saved.get("callbacks", {}).get(tracker.state_key, {}).get("run_id")
 
 
-def _restore_best(model: LightModel, best_model_path: str) -> None:
-    if best_model_path:
+def _restore_best(model: LightModel, trainer: pl.Trainer, best_model_path: str) -> None:
+    """Loads the best checkpoint's weights into `model`. Under DDP, Lightning writes the file
+    on rank zero's node alone: rank zero loads it and sends the weights to every other rank,
+    so that nodes without a shared file system end with the same weights."""
+    if not best_model_path:
+        return
+    from pytorch_lightning.strategies import DDPStrategy
+
+    ranks = isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
+    if not ranks or trainer.is_global_zero:
         state = torch.load(best_model_path, map_location=model.device, weights_only=True)
         model.load_state_dict(state["state_dict"])
+    if ranks and torch.distributed.is_initialized():
+        for tensor in model.state_dict().values():  # the same order on every rank
+            torch.distributed.broadcast(tensor, src=0)
 
 
 def evaluate_model(

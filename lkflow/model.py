@@ -41,7 +41,7 @@ from lkflow.checks import (
     step_values,
 )
 from lkflow.devices import Gpus, trainer_device_kwargs
-from lkflow.epoch_values import EpochRows
+from lkflow.epoch_values import EpochRows, epoch_number
 from lkflow.fit import (
     evaluate_model,
     fit_callbacks,
@@ -198,7 +198,7 @@ class LightModel(pl.LightningModule):
     @override
     def on_train_epoch_end(self) -> None:
         train = self._epochs.compute("train", self.trainer.strategy)
-        self.history.append(self._epochs.train_row(self.current_epoch, train))
+        self.history.append(self._epochs.train_row(epoch_number(self.current_epoch), train))
         self.log_dict(train)
         check_finite(self.history[-1])
 
@@ -277,8 +277,8 @@ class LightModel(pl.LightningModule):
         Args:
             train_data: The training DataLoader.
             val_data: The validation DataLoader. Defaults to None.
-            epochs: The epoch to stop after, counted from zero for a new fit; a resumed fit
-                continues up to it. Defaults to 10.
+            epochs: The epoch to stop after (epochs count from 1): a new fit trains this many,
+                a resumed fit continues up to it. Defaults to 10.
             gpus: 0 for the CPU, N GPUs, -1 for all, `[0, 1]` or `"0,1"` for those devices.
                 Defaults to None: one GPU when CUDA is there, else the CPU.
             monitor: The history key that picks the best epoch. Defaults to None:

@@ -25,7 +25,7 @@ History: TypeAlias = "pd.DataFrame | Sequence[Mapping[str, float]] | Mapping[str
 def plot_metric(history: History, metric: str, *, ax: Axes | None = None) -> Figure:
     """Plot the train curve of ``metric`` and, when present, its ``val_`` curve over the epochs.
 
-    The x axis is the ``epoch`` column + 1 when there is one, else 1..n.
+    The x axis is the ``epoch`` column (counted from 1) when there is one, else 1..n.
 
     Args:
         history: Per-epoch metrics: a DataFrame, a list of per-epoch dicts, or a dict of lists.
@@ -40,8 +40,8 @@ def plot_metric(history: History, metric: str, *, ax: Axes | None = None) -> Fig
             ``history`` has no epochs, or it is none of the accepted types.
 
     Example:
-        >>> history = [{"epoch": 0, "loss": 0.9, "val_loss": 1.0},
-        ...            {"epoch": 1, "loss": 0.5, "val_loss": 0.7}]
+        >>> history = [{"epoch": 1, "loss": 0.9, "val_loss": 1.0},
+        ...            {"epoch": 2, "loss": 0.5, "val_loss": 0.7}]
         >>> plot_metric(history, "loss").savefig("loss.png")
     """
     frame = _to_frame(history)
@@ -136,7 +136,7 @@ def _draw(ax: Axes, frame: pd.DataFrame, metric: str) -> None:
     """Draw the train and validation curves of ``metric`` that ``frame`` holds on ``ax``."""
     from matplotlib.ticker import MaxNLocator
 
-    epochs = frame["epoch"].to_numpy() + 1 if "epoch" in frame.columns else range(1, len(frame) + 1)
+    epochs = frame["epoch"].to_numpy() if "epoch" in frame.columns else range(1, len(frame) + 1)
     train_label = "lr" if metric == "lr" else f"train_{metric}"
     curves = [(metric, train_label, "bo--"), (f"val_{metric}", f"val_{metric}", "ro-")]
     drawn = [(column, label, style) for column, label, style in curves if column in frame.columns]

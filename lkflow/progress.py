@@ -14,18 +14,18 @@ def format_row(row: dict[str, Any], max_epochs: int | None) -> str:
     """One epoch's line: `Epoch 3/10 - 0.41s - loss: 0.2831 - val_loss: 0.2180 - lr: 0.01`.
 
     Args:
-        row: A history row; its `epoch` is zero-based, the line counts from one.
+        row: A history row; its `epoch` counts from 1.
         max_epochs: The planned number of epochs, or None when open-ended.
 
     Returns:
         The line, without a newline.
 
     Example:
-        >>> format_row({"epoch": 0, "loss": 0.5, "lr": 0.01}, 10)
+        >>> format_row({"epoch": 1, "loss": 0.5, "lr": 0.01}, 10)
         'Epoch 1/10 - loss: 0.5000 - lr: 0.0100'
     """
     total = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
-    parts = [f"Epoch {int(row['epoch']) + 1}{total}"]
+    parts = [f"Epoch {int(row['epoch'])}{total}"]
     if "time" in row:
         parts.append(f"{row['time']:.2f}s")
     parts += [

@@ -1,6 +1,7 @@
 """Runs of a tracking store as tables and figures: what `lkflow runs` and `lkflow compare` show.
 
-table = sort_runs(runs_frame(client.search_runs([...]), {}), "best")
+found = table_runs(client, ["1", "2"], sort="best", max_runs=20)  # page by page, no histories
+table = sort_runs(runs_frame(found, {}), "best").head(20)
 figure = plot_curves({"calm-owl-12": metric_history(client, run, "val_loss")}, "val_loss")
 """
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
+_PAGE = 1000  # runs a search request asks for: MLflow's default page
+
 # Params shown by `lkflow runs`, as logged by lkflow (MLflowCallback, `lkflow train`) -> column.
 _KEY_PARAMS = {
     "task": "task",
@@ -40,6 +43,55 @@ def experiment(client: MlflowClient, name: str) -> Any:
             f"{hide_credentials(client.tracking_uri)}. "
             f"Experiments there: {known}."
         )
+    return found
+
+
+def table_runs(
+    client: MlflowClient, experiment_ids: list[str], sort: str, max_runs: int
+) -> list[Run]:
+    """The runs that `lkflow runs --sort SORT --max MAX_RUNS` orders and shows.
+
+    Sorted by start, the store orders them and only the `max_runs` newest (oldest for
+    `-start`) are read. Any other column is lkflow's to order, so every run of the
+    experiments is read, page by page through MLflow's search; a search returns each run's
+    params, tags and latest metric values, never a metric's history.
+
+    Args:
+        client: The client of the store.
+        experiment_ids: The experiments whose runs are listed.
+        sort: The `--sort` column, with a leading "-" to reverse.
+        max_runs: How many runs the table shows.
+
+    Returns:
+        The runs, newest first (oldest first for `-start`).
+
+    Example:
+        >>> len(table_runs(client, ["1"], "start", 20))  # doctest: +SKIP
+        20
+    """
+    if sort.removeprefix("-") == "start":
+        direction = "ASC" if sort.startswith("-") else "DESC"
+        return _search_pages(
+            client, experiment_ids, [f"attributes.start_time {direction}"], max_runs
+        )
+    return _search_pages(client, experiment_ids, ["attributes.start_time DESC"], None)
+
+
+def _search_pages(
+    client: MlflowClient, experiment_ids: list[str], order_by: list[str], limit: int | None
+) -> list[Run]:
+    """Runs of the experiments in `order_by`'s order, `limit` of them (None: all), by pages."""
+    found: list[Run] = []
+    token = None
+    while limit is None or len(found) < limit:
+        size = _PAGE if limit is None else min(_PAGE, limit - len(found))
+        page = client.search_runs(
+            experiment_ids, max_results=size, order_by=order_by, page_token=token
+        )
+        found.extend(page)
+        token = page.token
+        if not token:
+            break
     return found
 
 
@@ -125,8 +177,9 @@ def find_run(client: MlflowClient, ref: str) -> Run:
     )
     candidates = list(named)
     if not candidates and re.fullmatch(r"[0-9a-f]{4,32}", ref):
-        every = client.search_runs(experiment_ids, max_results=5000)
-        candidates = [run for run in every if run.info.run_id.startswith(ref)]
+        candidates = list(
+            client.search_runs(experiment_ids, f"attributes.run_id LIKE '{ref}%'", max_results=10)
+        )
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
@@ -169,7 +222,7 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str) -> Figu
     ax = figure.subplots()
     for label, points in curves.items():
         steps, values = zip(*points, strict=True)
-        ax.plot([step + 1 for step in steps], values, "o-", label=label)  # epoch 0 is the 1st
+        ax.plot(steps, values, "o-", label=label)
     ax.set(title=f"{metric} by epoch", xlabel="Epochs", ylabel=metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()

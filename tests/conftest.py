@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import FIT_WORKER, Worker, fresh_store, make_loaders
+from helpers import FIT_WORKER, STORES, Worker, fresh_store, make_loaders
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
+from servers import MIGRATED, PgServer, Postgres, migrate, postgres_missing
 from torch.utils.data import DataLoader
 
 # Property tests: in CI (CI=true) the same examples every run, no deadline on a busy machine and
@@ -59,12 +60,46 @@ def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL cluster for the session (one per xdist worker) holding the database
+    `migrated`: an empty MLflow store that `postgres.create(name, MIGRATED)` copies in
+    milliseconds. Skipped, saying what is missing, where PostgreSQL cannot run (failed
+    instead where LKFLOW_TESTS_NEED_POSTGRES is set, as CI sets it)."""
+    reason = postgres_missing()
+    if reason is not None:
+        if os.environ.get("LKFLOW_TESTS_NEED_POSTGRES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with Postgres() as cluster:
+        migrate(cluster.create(MIGRATED))
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def pg_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    """One `mlflow server` over a PostgreSQL database for the session; `fresh()` empties it."""
+    folder = tmp_path_factory.mktemp("pg-server")
+    server = PgServer(postgres, folder)
+    with server:
+        yield server
+
+
+@pytest.fixture(params=STORES)
 def tracking_uri(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_store: Path
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    migrated_store: Path,
 ) -> Iterator[str]:
-    """A fresh store per test, as MLFLOW_TRACKING_URI, made by copying `migrated_store`."""
-    uri = fresh_store(tmp_path, migrated_store)
+    """A fresh, empty store per test, as MLFLOW_TRACKING_URI: a sqlite file copied from
+    `migrated_store`, and then the session's PostgreSQL-backed `mlflow server`, its database
+    made anew (`@pytest.mark.parametrize("tracking_uri", ["sqlite"], indirect=True)` keeps a
+    test on sqlite)."""
+    if request.param == "sqlite":
+        uri = fresh_store(tmp_path, migrated_store)
+    else:
+        uri = request.getfixturevalue("pg_server").fresh()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield uri
     import mlflow

@@ -3,13 +3,17 @@ where lkflow cannot be imported to run them in."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -131,8 +135,177 @@ def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
 
 
 def mlflow_server(backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None) -> Server:
-    """`mlflow server` over `backend_uri`, serving artifacts from `artifacts`, on 127.0.0.1."""
+    """`mlflow server` over `backend_uri`, serving artifacts from `artifacts`, on 127.0.0.1,
+    with one worker and without MLflow's job runner."""
     port = port or free_port()
     command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri]
     command += ["--artifacts-destination", str(artifacts), "-h", "127.0.0.1", "-p", str(port)]
-    return Server([*command, "-w", "1"], cwd, f"http://127.0.0.1:{port}/health")
+    # Without MLflow's job runner (7 more processes, for GenAI features that runs don't use)
+    env = {**bin_path_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return Server([*command, "-w", "1"], cwd, f"http://127.0.0.1:{port}/health", env)
+
+
+# ---- PostgreSQL -----------------------------------------------------------------------------
+
+_PG_BIN_FOLDERS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+
+def _pg_tool(name: str) -> str | None:
+    """The path of PostgreSQL's `name` (initdb, pg_ctl): on PATH, else in Debian's folder."""
+    found = shutil.which(name)
+    if found:
+        return found
+    return next((str(f / name) for f in _PG_BIN_FOLDERS if (f / name).is_file()), None)
+
+
+def postgres_missing() -> str | None:
+    """Why a PostgreSQL cluster cannot be started here, or None when it can."""
+    missing = [name for name in ("initdb", "pg_ctl") if _pg_tool(name) is None]
+    if missing:
+        return (
+            f"no {' or '.join(missing)} of PostgreSQL on PATH or in /usr/lib/postgresql/*/bin: "
+            "install PostgreSQL 15 (apt-get install postgresql) to run the store tests on an "
+            "mlflow server over PostgreSQL"
+        )
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return (
+                "running as root, which PostgreSQL refuses, and there is no 'postgres' user to "
+                "run it as: add one (useradd postgres) or run the tests as another user"
+            )
+        if shutil.which("runuser") is None:
+            return (
+                "running as root, and runuser, needed to start PostgreSQL as postgres, is missing"
+            )
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed: pip install -e '.[test]'"
+    return None
+
+
+class Postgres:
+    """A PostgreSQL cluster of its own in a temporary folder, on a free port of 127.0.0.1,
+    without durability (no fsync): what one test session's stores live in. As root it runs as
+    the `postgres` user, since PostgreSQL refuses to run as root.
+
+    Example:
+        >>> with Postgres() as postgres:
+        ...     postgres.create("runs")
+        ...     MlflowClient(postgres.uri("runs"))
+    """
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="lkflow-pg-"))  # /tmp: postgres can reach it
+        self.port = free_port()
+        self._connection: Any = None
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [_pg_tool(tool) or tool, *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, cwd=self.folder, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise AssertionError(f"{tool} failed:\n{done.stdout}\n{done.stderr}")
+
+    def __enter__(self) -> Postgres:
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        data = str(self.folder / "data")
+        self._run("initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+        settings = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -F -c full_page_writes=off"
+        log = str(self.folder / "postgres.log")
+        self._run("pg_ctl", "-D", data, "-l", log, "-o", settings, "-w", "-t", "60", "start")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        with contextlib.suppress(AssertionError):
+            self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def uri(self, database: str) -> str:
+        """The SQLAlchemy URI of `database`, as `mlflow server --backend-store-uri` takes it."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def execute(self, *statements: str) -> None:
+        """Runs each statement on its own (autocommit), as the `postgres` superuser."""
+        import psycopg
+
+        if self._connection is None:
+            self._connection = psycopg.connect(
+                host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
+                autocommit=True,
+            )  # fmt: skip
+        for statement in statements:
+            self._connection.execute(statement)
+
+    def create(self, database: str, template: str | None = None) -> str:
+        """A new database, a copy of `template` if given (milliseconds); its URI."""
+        copy = ""
+        if template is not None:  # a template must have no connections while it is copied
+            copy = f" TEMPLATE {template}"
+            self.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{template}'"
+            )
+        self.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        self.execute(f"CREATE DATABASE {database}{copy}")
+        return self.uri(database)
+
+
+MIGRATED = "migrated"  # the database of an empty MLflow store that others are copied from
+
+
+def migrate(uri: str) -> None:
+    """Creates MLflow's tables in the empty database `uri`, whose Default experiment keeps its
+    artifacts on the tracking server (`mlflow-artifacts:/0`), and closes its connections."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(uri, "mlflow-artifacts:/").engine.dispose()
+
+
+class PgServer:
+    """One `mlflow server` over the PostgreSQL database `served` (artifacts in
+    `folder/artifacts`), kept for a test session; `fresh()` makes the database anew from
+    `MIGRATED` and empties the artifacts, so each test starts on an empty store. The server's
+    pooled connections to the old database are closed, and it opens new ones.
+
+    Example:
+        >>> with PgServer(postgres, tmp_path) as server:
+        ...     MlflowClient(server.fresh()).search_experiments()
+        [<Experiment: ... name='Default' ...>]
+    """
+
+    DATABASE = "served"
+
+    def __init__(self, postgres: Postgres, folder: Path) -> None:
+        self.postgres, self.artifacts = postgres, folder / "artifacts"
+        self.backend = postgres.create(self.DATABASE, MIGRATED)  # the database's own URI
+        self.server = mlflow_server(self.backend, self.artifacts, folder)
+        self.url = ""
+
+    def __enter__(self) -> PgServer:
+        self.url = self.server.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.stop()
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL), as a crash would."""
+        os.killpg(self.server.process.pid, signal.SIGKILL)
+        self.server.stop()
+
+    def start(self) -> None:
+        """Starts the server again, on the same port and database."""
+        self.server.__enter__()
+
+    def fresh(self) -> str:
+        """The server's URL, its store made empty."""
+        self.postgres.create(self.DATABASE, MIGRATED)
+        shutil.rmtree(self.artifacts, ignore_errors=True)
+        return self.url

@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 from helpers import (
     ROOT,
+    SQLITE_ONLY,
     Net,
     Worker,
     finished,
@@ -42,6 +43,7 @@ from torch import nn
 from lkflow import LightModel, LkflowError, MLflowCallback
 from lkflow.cli import main
 from lkflow.credentials import MASK
+from lkflow.epoch_values import epoch_number
 
 
 class CountingIO(TorchCheckpointIO):
@@ -58,7 +60,8 @@ class CountingIO(TorchCheckpointIO):
 
 
 def _epoch_of(path: str | Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+    """The epoch a checkpoint file holds, as people count it (the file keeps Lightning's 0-based)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"] + 1
 
 
 def test_an_epoch_with_a_new_best_writes_one_file_and_links_last_to_it() -> None:
@@ -71,21 +74,21 @@ def test_an_epoch_with_a_new_best_writes_one_file_and_links_last_to_it() -> None
     assert len(io.saved) == 4  # one write per epoch, whether or not it was a new best
     last_epoch_was_best = io.saved[-1] == Path(best).name
     assert os.path.samefile(best, last) == last_epoch_was_best
-    assert _epoch_of(last) == 3
+    assert _epoch_of(last) == 4
 
 
 def test_later_epochs_rewrite_last_without_touching_the_linked_best() -> None:
-    # mode="max" on a falling val_loss: epoch 0 is the only best, so last.ckpt starts as a link
-    # to it and must be replaced, not written through, in epochs 1 and 2
+    # mode="max" on a falling val_loss: epoch 1 is the only best, so last.ckpt starts as a link
+    # to it and must be replaced, not written through, in epochs 2 and 3
     model = make_model()
     io = CountingIO()
     model.fit(*make_loaders(), epochs=3, gpus=0, verbose=0, track=False, mode="max", plugins=[io])
 
     best = Path(model.trainer.checkpoint_callback.best_model_path)
-    assert best.name.startswith("epoch=0-")
+    assert best.name.startswith("epoch=1-")
     assert io.saved == [best.name, "last.ckpt", "last.ckpt"]
-    assert _epoch_of(best) == 0
-    assert _epoch_of("checkpoints/last.ckpt") == 2
+    assert _epoch_of(best) == 1
+    assert _epoch_of("checkpoints/last.ckpt") == 3
     assert not os.path.samefile(best, "checkpoints/last.ckpt")
     assert sorted(p.name for p in Path("checkpoints").iterdir()) == sorted([best.name, "last.ckpt"])
 
@@ -112,9 +115,9 @@ def test_resuming_from_a_linked_last_continues_and_keeps_the_best() -> None:
     resumed = make_model()
     resumed.fit(*make_loaders(), epochs=4, gpus=0, verbose=0, track=False, ckpt_path="last")
 
-    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
     assert resumed.trainer.checkpoint_callback.best_model_score <= best_before
-    assert _epoch_of("checkpoints/last.ckpt") == 3
+    assert _epoch_of("checkpoints/last.ckpt") == 4
     assert len(list(Path("checkpoints").glob("epoch=*.ckpt"))) == 1
 
 
@@ -234,6 +237,7 @@ def stalling_worker(tmp_path: Path) -> Worker:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stall_in", ["save", "next_epoch"])
+@SQLITE_ONLY  # the checkpoint's timing; a killed fit's resume on both: test_reliability.py
 def test_a_fit_killed_around_a_checkpoint_resumes_without_duplicate_or_missing_steps(
     tracking_uri: str,
     stalling_worker: Worker,
@@ -241,9 +245,9 @@ def test_a_fit_killed_around_a_checkpoint_resumes_without_duplicate_or_missing_s
     processes: list[subprocess.Popen],
     stall_in: str,
 ) -> None:
-    # "save": killed while epoch 2's checkpoint is being written, so last.ckpt is epoch 1's
-    # and epoch 2 runs again; "next_epoch": killed once epoch 2's checkpoint is on disk,
-    # before its row reached MLflow
+    # "save": killed while epoch 3's checkpoint is being written, so last.ckpt is epoch 2's
+    # and epoch 3 runs again; "next_epoch": killed once epoch 3's checkpoint is on disk,
+    # before its row reached MLflow (stall_epoch is Lightning's 0-based current_epoch)
     folder = tmp_path / "fit"
     first = stalling_worker.start(
         folder, uri=tracking_uri, epochs=5, stall_epoch=2, stall_in=stall_in
@@ -257,16 +261,16 @@ def test_a_fit_killed_around_a_checkpoint_resumes_without_duplicate_or_missing_s
     run_id = killed.info.run_id
     saved = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     assert [row["epoch"] for row in saved["lkflow_history"]] == (
-        [0, 1] if stall_in == "save" else [0, 1, 2]
+        [1, 2] if stall_in == "save" else [1, 2, 3]
     )
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0, 1]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2]
 
     second = stalling_worker.start(folder, uri=tracking_uri, epochs=5, ckpt_path="last")
     processes.append(second)
     resumed = finished(second, folder)
     assert resumed["run_id"] == run_id
     history = resumed["history"]
-    assert [row["epoch"] for row in history] == [0, 1, 2, 3, 4]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     for key in ("loss", "val_loss", "lr"):
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         assert logged == [(row["epoch"], pytest.approx(row[key])) for row in history], key
@@ -274,28 +278,28 @@ def test_a_fit_killed_around_a_checkpoint_resumes_without_duplicate_or_missing_s
 
 class _FailsAtEpochEnd(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == 2:
-            raise RuntimeError("failed in epoch 2")
+        if epoch_number(trainer.current_epoch) == 3:
+            raise RuntimeError("failed in epoch 3")
 
 
 @pytest.mark.slow
 def test_a_fit_resumed_while_its_rows_wait_in_the_outbox_logs_none_twice(
     tmp_path: Path, migrated_store: Path
 ) -> None:
-    # the server goes away after epoch 0, so rows 0 and 1 wait in the outbox, not in MLflow,
-    # when the fit fails in epoch 2 and is resumed from epoch 1's last.ckpt
+    # the server goes away after epoch 1, so rows 1 and 2 wait in the outbox, not in MLflow,
+    # when the fit fails in epoch 3 and is resumed from epoch 2's last.ckpt
     (tmp_path / "server").mkdir()
     backend, port = fresh_store(tmp_path / "server", migrated_store), free_port()
     server = mlflow_server(backend, tmp_path / "served", tmp_path, port)
     with server as url, pytest.warns(UserWarning, match="stopped answering"):
         first = MLflowCallback(tracking_uri=url, log_model=False)
-        with pytest.raises(RuntimeError, match="failed in epoch 2"):
+        with pytest.raises(RuntimeError, match="failed in epoch 3"):
             make_model().fit(
                 *make_loaders(),
                 epochs=4,
                 gpus=0,
                 verbose=0,
-                callbacks=[_KillAtEpochEnd(server, epoch=0), _FailsAtEpochEnd()],
+                callbacks=[_KillAtEpochEnd(server, epoch=1), _FailsAtEpochEnd()],
                 track=first,
             )
     with mlflow_server(backend, tmp_path / "served", tmp_path, port):
@@ -362,10 +366,10 @@ def test_a_full_disk_keeps_no_partial_checkpoint_and_the_previous_best(
     with pytest.raises(OSError, match="No space left on device"):
         model.fit(*make_loaders(), epochs=3, gpus=0, verbose=0, ckpt_dir=small_disk, track=tracker)
 
-    assert [row["epoch"] for row in model.history] == [0, 1]
+    assert [row["epoch"] for row in model.history] == [1, 2]
     on_disk = sorted(path.name for path in small_disk.iterdir())
     best = Path(model.trainer.checkpoint_callback.best_model_path)
-    assert best.name.startswith("epoch=0-") and on_disk == sorted([best.name, "last.ckpt"])
+    assert best.name.startswith("epoch=1-") and on_disk == sorted([best.name, "last.ckpt"])
     assert all(_loads(small_disk / name) for name in on_disk)
     client = MlflowClient(tracking_uri)
     run = client.get_run(tracker.run_id_)
@@ -494,13 +498,13 @@ def test_a_file_that_is_not_a_complete_checkpoint_is_named_before_any_run(
 
 def test_partial_files_a_killed_fit_left_are_never_read_and_the_next_fit_removes_them() -> None:
     make_model().fit(*make_loaders(), epochs=1, gpus=0, verbose=0, track=False)
-    for name in ("last.ckpt.partial", "epoch=1-val_loss=0.5000.ckpt.partial"):
+    for name in ("last.ckpt.partial", "epoch=2-val_loss=0.5000.ckpt.partial"):
         Path("checkpoints", name).write_bytes(b"cut short by a kill")
 
     resumed = make_model()
     resumed.fit(*make_loaders(), epochs=2, gpus=0, verbose=0, track=False, ckpt_path="last")
 
-    assert [row["epoch"] for row in resumed.history] == [0, 1]
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
     assert list(Path("checkpoints").glob("*.partial")) == []
 
 
@@ -509,30 +513,30 @@ class _StopsAtEpochStart(pl.Callback):
         self.epoch = epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
+        if epoch_number(trainer.current_epoch) == self.epoch:
             raise RuntimeError(f"stopped at the start of epoch {self.epoch}")
 
 
 def test_resuming_from_last_continues_after_the_last_epoch_not_the_last_best(
     tracking_uri: str,
 ) -> None:
-    # mode="max" on a falling val_loss: only epoch 0 is ever a new best, and Lightning 2.6
+    # mode="max" on a falling val_loss: only epoch 1 is ever a new best, and Lightning 2.6
     # writes its own last.ckpt only with a new best
     first = make_model()
-    with pytest.raises(RuntimeError, match="epoch 3"):
+    with pytest.raises(RuntimeError, match="epoch 4"):
         first.fit(
             *small_loaders(),
             epochs=5,
             gpus=0,
             verbose=0,
             mode="max",
-            callbacks=[_StopsAtEpochStart(3)],
+            callbacks=[_StopsAtEpochStart(4)],
         )
-    assert [row["epoch"] for row in first.history] == [0, 1, 2]
+    assert [row["epoch"] for row in first.history] == [1, 2, 3]
 
     resumed = make_model()
     resumed.fit(*small_loaders(), epochs=5, gpus=0, verbose=0, mode="max", ckpt_path="last")
-    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3, 4]
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4, 5]
     assert resumed.history[:3] == first.history
     client = MlflowClient(tracking_uri)
     run = only_run(client)

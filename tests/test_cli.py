@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from helpers import SQLITE_ONLY, STORES
 from mlflow import MlflowClient
-from servers import BIN, Server, free_port
+from servers import BIN, MIGRATED, Server, free_port, mlflow_server
 
 from lkflow import LkflowError
 from lkflow.cli import main
@@ -40,11 +42,24 @@ def _one_error_line(result: Result) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Two tracked runs of the rings task (lr 0.01 and 0.03), registered as rings-cli."""
+@pytest.fixture(scope="module", params=STORES)
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Two tracked runs of the rings task (lr 0.01 and 0.03), registered as rings-cli: in a
+    sqlite file, and on an `mlflow server` of the module's own over a PostgreSQL database."""
     folder = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            uri = f"sqlite:///{folder / 'mlflow.db'}"
+        else:
+            backend = request.getfixturevalue("postgres").create("cli", MIGRATED)
+            uri = stack.enter_context(mlflow_server(backend, folder / "artifacts", folder))
+        yield _trained(uri, folder)
+
+
+def _trained(uri: str, folder: Path) -> str:
+    """`uri`, once `lkflow train` has made the two runs in it."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
@@ -57,7 +72,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             )  # fmt: skip
             assert result.exit_code == 0, result.output
             assert "Epoch 2/2" in result.output and "MLflow run " in result.output
-    yield uri
+    return uri
 
 
 # ---- start-up -----------------------------------------------------------------------------
@@ -140,9 +155,9 @@ def test_compare_finds_a_run_by_id_prefix(store: str) -> None:
         (["train", RINGS, "--epochs", "١٠"], "Invalid value for '--epochs': '١٠' is not a valid"),
         (["train", RINGS, "--lr", "²"], "Invalid value for '--lr': '²' is not a valid float"),
         (["train", RINGS, "--param", "oops"], "Received: --param 'oops'. Expected key=value"),
-        (["runs", "nope"], "experiment 'nope', which is not at sqlite:"),
+        (["runs", "nope"], "experiment 'nope', which is not at STORE"),
         (["runs", "--sort", "nope"], "--sort 'nope'. Expected a column: run, id, status"),
-        (["compare", "nope"], "run 'nope', which is no run name or id at sqlite:"),
+        (["compare", "nope"], "run 'nope', which is no run name or id at STORE"),
         (["compare", "run-a", "--metric", "f1"], "'f1', which run run-a did not log. Its metrics"),
         (["serve", "nope"], "model 'nope', which is not registered at .* Registered .*rings-cli"),
         (["serve", "rings-cli/9"], "rings-cli has no such version or alias .* versions: 1, 2;"),
@@ -156,7 +171,7 @@ def test_user_errors_print_one_line_and_exit_non_zero(
 ) -> None:
     (tmp_path / "tasks.py").write_text("def task(options):\n    return 3\n")
     result = _invoke(*args, *(["--tracking-uri", store] if args[0] != "trian" else []))
-    assert re.search(message, _one_error_line(result))
+    assert re.search(message.replace("STORE", re.escape(store)), _one_error_line(result))
 
 
 def test_a_missing_store_is_named_and_not_created(tmp_path: Path) -> None:
@@ -175,6 +190,7 @@ def test_an_unreachable_server_is_one_line_with_credentials_hidden(command: str)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@SQLITE_ONLY
 def test_gpus_without_cuda_is_one_line(tracking_uri: str) -> None:
     line = _one_error_line(_invoke("train", RINGS, "--gpus", "1", "--epochs", "1"))
     assert "gpus='1', but CUDA is not available" in line and "gpus=0" in line
@@ -189,6 +205,7 @@ def test_debug_shows_the_traceback(store: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)  # the store's part: test_team.py
 def test_serve_answers_the_example_request_with_thebest_version(store: str, tmp_path: Path) -> None:
     client = MlflowClient(store)
     runs = client.search_runs(["1"], order_by=["metrics.best_val_loss ASC"])

@@ -389,7 +389,7 @@ def test_evaluate_with_two_processes_counts_every_row_once(lightning_run):
     assert evaluated["acc"] == pytest.approx(single["acc"], rel=1e-6)
     # The restored net is the best epoch's: its val_ values are this same evaluation.
     history = lightning_run[0]["history"]
-    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
     best = min(history, key=lambda row: row["val_loss"])
     assert best["val_loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert best["val_acc"] == pytest.approx(single["acc"], rel=1e-6)
@@ -438,7 +438,7 @@ def test_ddp_notebook_trains_and_restores_the_best_weights(notebook_run):
 
 def test_ddp_notebook_returns_the_history(notebook_run):
     main, _ = notebook_run
-    assert [row["epoch"] for row in main["history"]] == [0, 1]
+    assert [row["epoch"] for row in main["history"]] == [1, 2]
 
 
 def test_a_tracked_fit_over_http_makes_one_run_with_each_epoch_logged_once(tracked_store, launches):
@@ -450,7 +450,7 @@ def test_a_tracked_fit_over_http_makes_one_run_with_each_epoch_logged_once(track
     assert run.info.status == "FINISHED"
     for key in ("loss", "val_loss"):
         steps = [metric.step for metric in client.get_metric_history(run.info.run_id, key)]
-        assert steps == list(range(TRACKED_EPOCHS)), key
+        assert steps == list(range(1, TRACKED_EPOCHS + 1)), key
     (version,) = client.search_model_versions("name = 'ddp-net'")
     assert version.run_id == run.info.run_id
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

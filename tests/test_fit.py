@@ -12,7 +12,16 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import Worker, fit_quietly, full_pass, keras_model, only_run, steps, wait_for
+from helpers import (
+    SQLITE_ONLY,
+    Worker,
+    fit_quietly,
+    full_pass,
+    keras_model,
+    only_run,
+    steps,
+    wait_for,
+)
 from mlflow import MlflowClient
 
 import lkflow
@@ -53,7 +62,7 @@ def test_resume_continues_the_epochs_and_the_history(loaders):
     first.fit(train, valid, epochs=2, gpus=0, track=False, verbose=0)
     resumed = keras_model()
     history = resumed.fit(train, valid, epochs=4, gpus=0, track=False, verbose=0, ckpt_path="last")
-    assert history["epoch"].tolist() == [0, 1, 2, 3]
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
     assert history.iloc[:2].equals(first.history_frame())
 
 
@@ -131,6 +140,7 @@ def test_ctrl_c_reaches_the_caller_as_a_keyboard_interrupt(loaders):
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_sigterm_ends_the_run_killed_and_the_process_promptly_non_zero(
     tracking_uri: str, worker: Worker, tmp_path: Path, processes: list[subprocess.Popen]
 ) -> None:
@@ -149,7 +159,7 @@ def test_sigterm_ends_the_run_killed_and_the_process_promptly_non_zero(
     assert run.info.status == "KILLED"
     last = client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", str(tmp_path))
     saved = [row["epoch"] for row in torch.load(last, weights_only=True)["lkflow_history"]]
-    assert len(saved) >= 2 and saved == list(range(len(saved)))
+    assert len(saved) >= 2 and saved == list(range(1, len(saved) + 1))
     for key in ("loss", "val_loss", "lr"):
         assert steps(client, run.info.run_id, key) == saved, key
 
@@ -164,14 +174,14 @@ def test_a_second_fit_starts_a_history_and_a_run_of_its_own(loaders, tracking_ur
     first_run = model.run_id
     second = model.fit(train, valid, epochs=2, gpus=0, verbose=0, registered_model_name=False)
 
-    assert list(first["epoch"]) == [0, 1] and list(second["epoch"]) == [0, 1]
+    assert list(first["epoch"]) == [1, 2] and list(second["epoch"]) == [1, 2]
     assert second.equals(model.history_frame())
     loss, _ = full_pass(model.net, valid)  # the best epoch's weights, restored
     assert min(second["val_loss"]) == pytest.approx(loss, rel=1e-5)
     client = MlflowClient(tracking_uri)
     assert model.run_id != first_run
     for run_id, history in ((first_run, first), (model.run_id, second)):
-        assert steps(client, run_id, "val_loss") == [0, 1]
+        assert steps(client, run_id, "val_loss") == [1, 2]
         logged = sorted(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)
         assert [m.value for m in logged] == pytest.approx(history["val_loss"].tolist())
 
@@ -190,6 +200,6 @@ def test_a_monitor_with_a_slash_or_at_names_a_checkpoint_file_with_its_epoch(loa
     history = fit_quietly(model, train, valid, epochs=2, monitor=f"val_{name}", mode="max")
 
     files = sorted(p.relative_to("checkpoints").as_posix() for p in Path("checkpoints").rglob("*"))
-    best = int(history[f"val_{name}"].idxmax())
-    value = history[f"val_{name}"][best]
-    assert files == sorted([f"epoch={best}-{safe}={value:.4f}.ckpt", "last.ckpt"])
+    best = history.loc[history[f"val_{name}"].idxmax()]
+    value = best[f"val_{name}"]
+    assert files == sorted([f"epoch={best['epoch']:.0f}-{safe}={value:.4f}.ckpt", "last.ckpt"])

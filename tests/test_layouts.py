@@ -214,15 +214,15 @@ def fit_in(tmp_path_factory: pytest.TempPathFactory, store: str) -> Callable[...
 
 
 def check_history(fitted: Fitted, recompute: Callable[[nn.Module], dict[str, float]]) -> None:
-    """The run is FINISHED and holds the history at steps 0 and 1; the best epoch's `val_`
+    """The run is FINISHED and holds the history at steps 1 and 2; the best epoch's `val_`
     values are what `recompute(net)` finds over every validation row with the kept weights."""
     history = fitted.model.history_frame()
-    assert history["epoch"].tolist() == [0, 1]
+    assert history["epoch"].tolist() == [1, 2]
     run = fitted.client.get_run(fitted.run_id)
     assert run.info.status == "FINISHED"
     for key in history.columns.drop("epoch"):
         logged = fitted.client.get_metric_history(fitted.run_id, key)
-        assert [m.step for m in logged] == [0, 1], key
+        assert [m.step for m in logged] == [1, 2], key
         assert [m.value for m in logged] == pytest.approx(history[key].tolist(), rel=1e-6), key
     best = history.loc[history["val_loss"].idxmin()]
     net = fitted.model.net.eval()
@@ -548,11 +548,11 @@ def test_second_fit_starts_a_new_run_with_a_history_of_its_own(
         acc = ((p > 0.5).float() == y).float().mean()
         return {"val_loss": F.binary_cross_entropy(p, y).item(), "val_acc": acc.item()}
 
-    check_history(second, recompute)  # two rows, epochs 0 and 1, logged at steps 0 and 1
+    check_history(second, recompute)  # two rows, epochs 1 and 2, logged at steps 1 and 2
     logged = first.client.get_metric_history(first.run_id, "val_loss")
     assert [(m.step, m.value) for m in logged] == [
         (epoch, pytest.approx(value, rel=1e-6))
-        for epoch, value in enumerate(first_history["val_loss"])
+        for epoch, value in zip(first_history["epoch"], first_history["val_loss"], strict=True)
     ]
     assert not model.history_frame()["val_loss"].equals(first_history["val_loss"])
     csv = Path(second.client.download_artifacts(second.run_id, "history.csv")).read_text()

@@ -6,11 +6,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import SQLITE_ONLY
 from mlflow import MlflowClient
 from servers import BIN
 
@@ -35,7 +37,8 @@ def test_conda_env_names_the_dependencies_of_pyproject_and_its_sweep_extra() -> 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     conda = _yaml("conda.yaml")["dependencies"]
     pip = next(item["pip"] for item in conda if isinstance(item, dict))
-    assert pip == project["dependencies"] + project["optional-dependencies"]["sweep"]
+    sweep = project["optional-dependencies"]["sweep"]  # for the sweep entry point
+    assert pip == [*project["dependencies"], "scikit-learn>=1.3", *sweep]  # the digits' too
     assert "python=3.11" in conda and "pip" in conda
 
 
@@ -123,6 +126,7 @@ def _mlflow_run(checkout: Path, tracking_uri: str, *args: str) -> subprocess.Com
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_mlflow_run_main_logs_into_one_run_and_registers_the_net(
     checkout: Path, tracking_uri: str
 ) -> None:
@@ -138,7 +142,7 @@ def test_mlflow_run_main_logs_into_one_run_and_registers_the_net(
     assert params["task"] == "examples/rings.py:task" and params["optimizer.lr"] == "0.01"
     for metric in ("loss", "acc", "val_loss", "val_acc"):
         history = client.get_metric_history(run.info.run_id, metric)
-        assert [point.step for point in history] == [0, 1]
+        assert [point.step for point in history] == [1, 2]
     (version,) = client.search_model_versions("name = 'rings-net'")
     assert version.run_id == run.info.run_id and version.tags["monitor"] == "val_loss"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == [
@@ -147,6 +151,7 @@ def test_mlflow_run_main_logs_into_one_run_and_registers_the_net(
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_mlflow_run_digits_passes_95_percent_validation_accuracy(
     checkout: Path, tracking_uri: str
 ) -> None:
@@ -159,6 +164,7 @@ def test_mlflow_run_digits_passes_95_percent_validation_accuracy(
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_mlflow_run_tabular_registers_a_model_of_two_named_inputs(
     checkout: Path, tracking_uri: str
 ) -> None:
@@ -183,6 +189,7 @@ def test_mlflow_run_tabular_registers_a_model_of_two_named_inputs(
         ("epochs=abc", "Error: Invalid value for '--epochs': 'abc' is not a valid integer."),
     ],
 )
+@SQLITE_ONLY
 def test_mlflow_run_with_a_bad_param_fails_with_one_clear_line(
     checkout: Path, tracking_uri: str, param: str, message: str
 ) -> None:
@@ -197,3 +204,67 @@ def test_mlflow_run_with_a_bad_param_fails_with_one_clear_line(
     assert "Traceback" not in output
     (run,) = MlflowClient(tracking_uri).search_runs(["0"])
     assert run.info.status == "FAILED"
+
+
+def _torch_wheels() -> Path | None:
+    """A folder of this torch's wheels that pip's own configuration finds (`find-links`)."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    ).stdout
+    version = torch.__version__.split("+")[0]
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith("find-links"):
+            for folder in value.strip("'\"").split():
+                if any(Path(folder).glob(f"torch-{version}*.whl")):
+                    return Path(folder)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.network
+@SQLITE_ONLY
+def test_mlflow_run_with_uv_builds_conda_yamls_environment_and_every_entry_point_runs(
+    checkout: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    wheels = _torch_wheels()
+    if wheels is None:
+        pytest.skip(
+            "pip's configuration names no folder of torch wheels (find-links): uv would "
+            "download a CUDA build of torch of several GB"
+        )
+    if not (BIN / "uv").exists():
+        pytest.skip("uv is not installed: pip install -e '.[test]'")
+    constraint = tmp_path / "constraints.txt"
+    constraint.write_text(f"torch=={torch.__version__.split('+')[0]}\n")  # this CPU build
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_ENV_ROOT": str(tmp_path / "envs"),
+        "UV_FIND_LINKS": str(wheels),
+        "UV_CONSTRAINT": str(constraint),
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),  # uv, and no conda
+    }
+    models = {"main": "rings-net", "digits": "digits-cnn", "tabular": "tabular-net"}
+    for entry in models:
+        command = [str(BIN / "mlflow"), "run", str(checkout), "--env-manager", "uv", "-e", entry]
+        done = subprocess.run(
+            [*command, "-P", "epochs=1"], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs(["0"])
+    assert sorted(run.data.params["registered_model_name"] for run in runs) == sorted(
+        models.values()
+    )
+    assert all(run.info.status == "FINISHED" for run in runs)
+    for name in models.values():
+        (version,) = client.search_model_versions(f"name = '{name}'")
+        assert version.run_id in {run.info.run_id for run in runs}
+    (environment,) = (tmp_path / "envs").iterdir()  # built once, from conda.yaml alone
+    installed = {
+        path.name.split("-")[0].lower()
+        for path in environment.glob("lib/python*/site-packages/*.dist-info")
+    }
+    assert {"torch", "pytorch_lightning", "mlflow", "scikit_learn"} <= installed
+    assert not installed & {"lkflow", "pytest", "hypothesis"}  # not this environment's packages

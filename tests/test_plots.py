@@ -12,9 +12,9 @@ from lkflow.plots import plot_history, plot_metric
 matplotlib.use("Agg")
 
 ROWS = [
-    {"epoch": 0, "loss": 0.9, "acc": 0.55, "val_loss": 1.0, "val_acc": 0.5, "lr": 0.01},
-    {"epoch": 1, "loss": 0.6, "acc": 0.70, "val_loss": 0.8, "val_acc": 0.65, "lr": 0.01},
-    {"epoch": 2, "loss": 0.4, "acc": 0.85, "val_loss": 0.7, "val_acc": 0.75, "lr": 0.001},
+    {"epoch": 1, "loss": 0.9, "acc": 0.55, "val_loss": 1.0, "val_acc": 0.5, "lr": 0.01},
+    {"epoch": 2, "loss": 0.6, "acc": 0.70, "val_loss": 0.8, "val_acc": 0.65, "lr": 0.01},
+    {"epoch": 3, "loss": 0.4, "acc": 0.85, "val_loss": 0.7, "val_acc": 0.75, "lr": 0.001},
 ]
 
 
@@ -52,8 +52,8 @@ def test_plot_metric_draws_train_and_val_curves(make_history) -> None:
     assert ax.get_ylabel() == "loss"
 
 
-def test_x_axis_is_epoch_plus_one_or_a_count() -> None:
-    resumed = [{"epoch": 4, "loss": 0.3}, {"epoch": 5, "loss": 0.2}]
+def test_x_axis_is_the_epoch_or_a_count() -> None:
+    resumed = [{"epoch": 5, "loss": 0.3}, {"epoch": 6, "loss": 0.2}]
     no_epoch = {"loss": [0.5, 0.4, 0.3, 0.2]}
 
     (resumed_line,) = plot_metric(resumed, "loss").axes[0].get_lines()
@@ -131,6 +131,6 @@ def test_bad_histories_raise_with_the_fix() -> None:
     with pytest.raises(ValueError, match="no epochs"):
         plot_metric([], "loss")
     with pytest.raises(ValueError, match="no metric columns"):
-        plot_history({"epoch": [0, 1]})
+        plot_history({"epoch": [1, 2]})
     with pytest.raises(LkflowError, match="received int"):
         plot_metric(3, "loss")

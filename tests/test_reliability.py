@@ -34,14 +34,14 @@ def test_a_killed_fit_resumes_into_the_same_run_without_gaps_or_duplicates(
     client = MlflowClient(tracking_uri)
     killed = only_run(client)
     assert killed.info.status == "RUNNING"  # nobody could end it
-    assert steps(client, killed.info.run_id, "loss") == [0, 1, 2]
+    assert steps(client, killed.info.run_id, "loss") == [1, 2, 3]
 
     second = worker.start(folder, uri=tracking_uri, epochs=6, ckpt_path="last")
     processes.append(second)
     resumed = finished(second, folder)
     assert resumed["run_id"] == killed.info.run_id
     history = resumed["history"]
-    assert [row["epoch"] for row in history] == list(range(6))
+    assert [row["epoch"] for row in history] == list(range(1, 7))
     # weights, optimizer momentum, the schedule and the epoch counter all went on
     for row, expected in zip(history, reference.to_dict("records"), strict=True):
         assert row == pytest.approx(expected, rel=1e-5)

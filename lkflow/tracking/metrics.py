@@ -43,7 +43,7 @@ class MetricRows:
         """History rows not logged yet: one batched write, each row at `step=epoch`, except
         rows whose step the run already holds (logged before the fit was resumed)."""
         rows = history[self.n_logged :]
-        steps = [int(row.get("epoch", self.n_logged + i)) for i, row in enumerate(rows)]
+        steps = [int(row.get("epoch", self.n_logged + i + 1)) for i, row in enumerate(rows)]
         new = [
             (step, row) for step, row in zip(steps, rows, strict=True) if step not in self.logged_at
         ]

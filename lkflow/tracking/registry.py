@@ -56,7 +56,7 @@ class Best:
     monitor: str  # the monitored key; "" without a monitored checkpoint
     mode: str  # "min" or "max": which way the monitored value is better
     score: float | None  # its best value; None without one
-    epoch: int  # the epoch of the best checkpoint, else the last epoch
+    epoch: int  # the epoch of the best checkpoint, else the last epoch; counted from 1
     state_dict: dict[str, torch.Tensor] | None  # the module's weights then; None: current ones
 
 
@@ -65,10 +65,12 @@ def best_checkpoint(trainer: pl.Trainer, history: Sequence[Mapping[str, Any]]) -
     without one, the last epoch of `history` and the current weights."""
     import torch
 
+    from lkflow.epoch_values import epoch_number
+
     checkpoint = trainer.checkpoint_callback
     path = getattr(checkpoint, "best_model_path", "")
     if checkpoint is None or not path or not os.path.isfile(path):
-        last = int(history[-1].get("epoch", len(history) - 1)) if history else 0
+        last = int(history[-1].get("epoch", len(history))) if history else 0
         return Best("", "min", None, last, None)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     score = getattr(checkpoint, "best_model_score", None)
@@ -76,7 +78,7 @@ def best_checkpoint(trainer: pl.Trainer, history: Sequence[Mapping[str, Any]]) -
         getattr(checkpoint, "monitor", None) or "",
         getattr(checkpoint, "mode", "min"),
         None if score is None else float(score),
-        int(saved.get("epoch", 0)),
+        epoch_number(int(saved.get("epoch", 0))),
         saved["state_dict"],
     )
 

@@ -30,7 +30,7 @@ EPOCHS = 3
 
 def test_metrics_one_value_per_epoch(tracked: Tracked) -> None:
     history = tracked.model.history
-    assert [row["epoch"] for row in history] == list(range(EPOCHS))
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
     for key in ("loss", "acc", "val_loss", "val_acc", "lr"):
         logged = sorted(
             (m.step, m.value) for m in tracked.client.get_metric_history(tracked.run_id, key)
@@ -66,7 +66,7 @@ def test_fit_logs_to_a_tracking_server(
         client = MlflowClient(url)
         run = client.get_run(model.run_id)
         assert run.info.status == "FINISHED" and run.data.params["epochs"] == "2"
-        assert [m.step for m in client.get_metric_history(model.run_id, "val_loss")] == [0, 1]
+        assert [m.step for m in client.get_metric_history(model.run_id, "val_loss")] == [1, 2]
         assert {a.path for a in client.list_artifacts(model.run_id)} >= {
             "checkpoints",
             "net",
@@ -155,7 +155,7 @@ def test_a_fit_without_checkpoints_logs_the_net_of_its_last_epoch(tracking_uri: 
     run = client.get_run(tracker.run_id_)
     assert run.info.status == "FINISHED" and "best_epoch" not in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"net", "history.csv"}
-    assert [output.step for output in run.outputs.model_outputs] == [1]  # the last epoch
+    assert [output.step for output in run.outputs.model_outputs] == [2]  # the last epoch
 
 
 class Tokens(torch.nn.Module):

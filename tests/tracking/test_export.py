@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import Tracked, fit
+from helpers import SQLITE_ONLY, TRACKED_IN_SQLITE, Tracked, fit
 from helpers import make_scheduled_model as make_model
 from mlflow import MlflowClient
 from mlflow.models import Model
@@ -69,6 +69,7 @@ _PREDICT = """
 """
 
 
+@TRACKED_IN_SQLITE
 def test_registered_model_predicts_without_lkflow(tracked: Tracked, tmp_path: Path) -> None:
     done = _isolated_python(
         _PREDICT,
@@ -84,6 +85,7 @@ def test_registered_model_predicts_without_lkflow(tracked: Tracked, tmp_path: Pa
 
 
 @pytest.mark.slow
+@TRACKED_IN_SQLITE
 def test_models_serve_answers_invocations(tracked: Tracked, tmp_path: Path) -> None:
     port = free_port()
     command = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/rings-net/1"]
@@ -133,6 +135,7 @@ class SignNet(nn.Module):
 '''
 
 
+@SQLITE_ONLY
 def test_unexportable_net_falls_back_to_a_pickle_with_its_code(
     tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,6 +227,7 @@ def two_input_fit(net: nn.Module, name: str) -> LightModel:
     return model
 
 
+@SQLITE_ONLY
 def test_two_input_net_with_dict_output_is_registered_as_a_pyfunc_answering_its_example(
     tracking_uri: str, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ from servers import BIN, bin_path_env, free_port, mlflow_server
 
 from lkflow import MLflowCallback
 from lkflow.cli import main
+from lkflow.epoch_values import epoch_number
 from lkflow.tracking.outbox import Outbox
 
 TESTS = Path(__file__).parents[1]  # helpers.py, for the fit in its own process
@@ -147,7 +148,7 @@ def test_sync_beside_a_running_fit_leaves_its_outbox_and_the_run_ends_whole(
         assert run.info.status == "FINISHED"
         for key in KEYS:
             steps = [m.step for m in client.get_metric_history(run_id, key)]
-            assert sorted(steps) == list(range(EPOCHS)), key  # each epoch once
+            assert sorted(steps) == list(range(1, EPOCHS + 1)), key  # each epoch once
         versions = client.search_model_versions("name = 'owned'")
         assert [str(v.version) for v in versions] == ["1"]
         (model,) = client.search_logged_models([run.info.experiment_id])
@@ -251,10 +252,10 @@ def test_the_outbox_of_a_fit_killed_with_sigkill_is_delivered(
 
 class _Boom(pl.Callback):
     def __init__(self) -> None:
-        self.error = RuntimeError("boom at the end of epoch 1")
+        self.error = RuntimeError("boom at the end of epoch 2")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == 1:
+        if epoch_number(trainer.current_epoch) == 2:
             raise self.error
 
 
@@ -283,7 +284,7 @@ def test_a_resumed_fit_adds_its_writes_after_those_kept(tracking_uri: str, tmp_p
     assert synced.stdout.splitlines()[-1].endswith("registered as Net version 1, ended FINISHED.")
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["kept"] == "before the resumed fit"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3]
 
 
 def test_sync_names_a_server_it_cannot_reach_and_keeps_no_credentials(tmp_path: Path) -> None:

@@ -125,5 +125,5 @@ def test_the_monitor_tag_names_the_metric_as_mlflow_logged_it(tracking_uri: str)
     assert version.tags["monitor"] == "val_acc_1"
     metrics = client.get_run(model.run_id).data.metrics
     assert float(version.tags["monitor_value"]) == pytest.approx(metrics["best_val_acc_1"])
-    assert [m.step for m in client.get_metric_history(model.run_id, "val_acc_1")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(model.run_id, "val_acc_1")] == [1, 2]
     assert best_version([version])[1].startswith("best val_acc_1=")

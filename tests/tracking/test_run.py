@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lkflow.cli import main
 from lkflow.datasets import rings
+from lkflow.epoch_values import epoch_number
 from lkflow.errors import LkflowError
 from lkflow.model import LightModel
 from lkflow.tracking import MLflowCallback
@@ -96,27 +98,29 @@ def test_unknown_run_id_names_the_store(
     tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef")
-    with pytest.raises(LkflowError, match=r"MLFLOW_RUN_ID='0123456789abcdef'.*mlflow\.db"):
+    with pytest.raises(
+        LkflowError, match=rf"MLFLOW_RUN_ID='0123456789abcdef'.*{re.escape(tracking_uri)}"
+    ):
         plain_fit(MLflowCallback(), tmp_path)
 
 
 class _NanAtSecondEpoch(LightModel):
     def shared_step(self, batch: Any) -> dict[str, Any]:
         values = super().shared_step(batch)
-        if self.current_epoch == 1 and self.training:
+        if epoch_number(self.current_epoch) == 2 and self.training:
             values["loss"] = values["loss"] * float("nan")
         return values
 
 
 def test_failing_fit_ends_the_run_failed_with_what_exists(tracking_uri: str) -> None:
     model = make_model(model_class=_NanAtSecondEpoch)
-    with pytest.raises(FloatingPointError, match="loss is nan at epoch 1"):
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 2"):
         fit(model, epochs=3, experiment_name="failing")
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
     assert run.info.status == "FAILED"
     losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert [step for step, _ in losses] == [0, 1] and math.isnan(losses[1][1])
+    assert [step for step, _ in losses] == [1, 2] and math.isnan(losses[1][1])
     assert [Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert client.search_registered_models() == []
 
@@ -126,7 +130,7 @@ class _Boom(pl.Callback):
         self.error = RuntimeError(message)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == 1:
+        if epoch_number(trainer.current_epoch) == 2:
             raise self.error
 
 
@@ -141,10 +145,10 @@ def test_resumed_fit_continues_the_same_run(tracking_uri: str, tmp_path: Path) -
     tracker = MLflowCallback(log_model=False)
     model = plain_fit(tracker, tmp_path, 3, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
     assert tracker.run_id_ == failed.info.run_id
-    assert [row["epoch"] for row in model.history] == [0, 1, 2]
+    assert [row["epoch"] for row in model.history] == [1, 2, 3]
     assert client.get_run(tracker.run_id_).info.status == "FINISHED"
     for key in ("loss", "val_loss"):
-        assert sorted(m.step for m in client.get_metric_history(tracker.run_id_, key)) == [0, 1, 2]
+        assert sorted(m.step for m in client.get_metric_history(tracker.run_id_, key)) == [1, 2, 3]
 
 
 def test_a_resumed_fit_may_run_more_epochs(tracking_uri: str, tmp_path: Path) -> None:
@@ -156,7 +160,7 @@ def test_a_resumed_fit_may_run_more_epochs(tracking_uri: str, tmp_path: Path) ->
     assert tracker.run_id_ == first.run_id_ and run.info.status == "FINISHED"
     assert run.data.params["epochs"] == "2" and run.data.tags["lkflow.resumed_epochs"] == "4"
     history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "val_loss")
-    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
 
 
 def test_a_clashing_param_leaves_an_ended_run_as_it_was(tracking_uri: str, tmp_path: Path) -> None:
@@ -203,15 +207,16 @@ def test_a_failed_fit_leaves_its_error_and_traceback_on_the_run(
     assert "raise self.error" in lines[-2] and lines[-1] == str(run.data.tags["lkflow.error"])
 
 
-class _FailsInEpochOne(LightModel):
-    """Raises `error` in epoch 1's training step or validation, as `where` says."""
+class _FailsInEpochTwo(LightModel):
+    """Raises `error` in epoch 2's training step or validation, as `where` says."""
 
     where = ""
     error: BaseException = RuntimeError()
 
     def shared_step(self, batch: Any) -> dict[str, Any]:
         stage = "training_step" if self.trainer.training else "validation"
-        if self.current_epoch == 1 and stage == self.where and not self.trainer.sanity_checking:
+        second = epoch_number(self.current_epoch) == 2
+        if second and stage == self.where and not self.trainer.sanity_checking:
             raise self.error
         return super().shared_step(batch)
 
@@ -221,7 +226,7 @@ class _FailsAtEpochEnd(pl.Callback):
         self.error = error
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == 1:
+        if epoch_number(trainer.current_epoch) == 2:
             raise self.error
 
 
@@ -253,7 +258,7 @@ class _UnreadableRow(Dataset):
 def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
     tracking_uri: str, where: str, error: BaseException
 ) -> None:
-    model = make_plain_model(model_class=_FailsInEpochOne)
+    model = make_plain_model(model_class=_FailsInEpochTwo)
     model.where, model.error = where, error
     callbacks = [_FailsAtEpochEnd(error)] if where == "epoch_end" else []
     loaders = small_loaders(_UnreadableRow(error) if where == "data_loading" else None)
@@ -265,12 +270,12 @@ def test_an_exception_in_user_code_reaches_the_caller_and_fails_the_run(
     run = only_run(client)
     assert run.info.status == "FAILED"
     epochs = [row["epoch"] for row in model.history]
-    assert epochs == [0]  # epoch 1 never ended
+    assert epochs == [1]  # epoch 2 never ended
     for key in ("loss", "acc", "val_loss", "val_acc", "lr"):
         assert steps(client, run.info.run_id, key) == epochs, key
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     best = Path(model.trainer.checkpoint_callback.best_model_path).name
-    assert logged == {best, "last.ckpt"} and best.startswith("epoch=0-")
+    assert logged == {best, "last.ckpt"} and best.startswith("epoch=1-")
 
 
 def test_a_resumed_fit_that_finishes_moves_the_error_tag_aside(
