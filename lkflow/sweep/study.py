@@ -153,8 +153,9 @@ def open_storage(
     except (ImportError, SQLAlchemyError) as err:
         raise LkflowError(
             f"Cannot open the study storage {hide_credentials(url)} ({type(err).__name__}: "
-            f"{hide_credentials(str(err).splitlines()[0])}). Install its driver (postgresql: "
-            "pip install psycopg2-binary; mysql: pip install pymysql) and check that it answers."
+            f"{hide_credentials(str(err).splitlines()[0])}). Install its driver and check that it "
+            "answers: for PostgreSQL, psycopg 3 with a postgresql+psycopg:// URL (pip install "
+            "'psycopg[binary]'), or psycopg2 with postgresql://; for MySQL, pip install pymysql."
         ) from err
 
 

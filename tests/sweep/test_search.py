@@ -1,22 +1,19 @@
-"""`lkflow sweep` end to end: real sweeps of the rings task into a real sqlite store and study, one
-parent run with a child run per trial, pruning, the champion served, processes sharing a study,
-a sweep stopped and continued, failed trials, bad input."""
+"""`lkflow sweep` end to end: a real sweep of the rings task into a real sqlite store and study (one
+parent run with a child run per trial, pruning, the champion served), a sweep under `mlflow run`,
+failed trials, bad input. Processes sharing a study, and stops: test_processes.py."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
 from click.testing import CliRunner, Result
-from helpers import fresh_store, wait_for
+from helpers import SQLITE_ONLY, Sweep, fresh_store, start_sweep, sweep_ended, sweep_of
 from mlflow import MlflowClient
-from mlflow.entities import Run
 from optuna.trial import TrialState
 from servers import BIN, Server, bin_path_env, free_port, post
 
@@ -28,91 +25,9 @@ SPACE = ("--space", "lr=loguniform(1e-4,1e-1)", "--space", "hidden=int(4,32,log)
 QUICK = ("--epochs", "2", "--gpus", "0", "--seed", "0", "--heartbeat", "1")
 ROWS = ("--param", "rows=400")
 
-# The rings task with hooks for these tests, at the first batch of a trial: SWEEP_BARRIER=N
-# holds each process's first trial until N processes have started one; SWEEP_STALL stalls the
-# trial (for a kill); a file `interrupt` raises KeyboardInterrupt, as Ctrl-C would; a file
-# `fail` makes the task itself raise in trials.
-HOOKED_TASK = f"""
-import os
-import sys
-import time
-from pathlib import Path
-
-import pytorch_lightning as pl
-
-sys.path.insert(0, {str(ROOT / "examples")!r})
-from rings import task as rings_task
-
-
-class Hooks(pl.Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.current_epoch != 0 or batch_idx != 0:
-            return
-        mine = Path(f"started-{{os.getpid()}}")
-        first = not mine.exists()
-        mine.touch()
-        wanted = int(os.environ.get("SWEEP_BARRIER", "0"))
-        deadline = time.monotonic() + 120
-        while first and len(list(Path().glob("started-*"))) < wanted:
-            assert time.monotonic() < deadline, "the other process never started a trial"
-            time.sleep(0.1)
-        if os.environ.get("SWEEP_STALL"):
-            Path("stalled").write_text(str(os.getpid()))
-            time.sleep(600)
-        if Path("interrupt").exists():
-            raise KeyboardInterrupt
-
-
-def task(options):
-    if Path("fail").exists() and options.lr is not None:  # a trial's, not the sweep's first look
-        raise ZeroDivisionError("the task failed on purpose")
-    built = rings_task(options)
-    built.fit_kwargs["callbacks"] = [Hooks()]
-    return built
-"""
-
 
 def _invoke(*args: str) -> Result:
     return CliRunner().invoke(main, ["sweep", *args])
-
-
-def _start(folder: Path, uri: str, *args: str, **env: str) -> subprocess.Popen:
-    """`lkflow sweep ARGS` in a process of its own in `folder`, output in sweep-<pid>.txt."""
-    log = open(folder / f"sweep-{len(list(folder.glob('sweep-*.txt')))}.txt", "w")  # noqa: SIM115
-    return subprocess.Popen(
-        [str(BIN / "lkflow"), "sweep", *args, "--tracking-uri", uri],
-        cwd=folder,
-        env={**bin_path_env(), **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _ended(process: subprocess.Popen, folder: Path) -> str:
-    process.wait(timeout=300)
-    output = "\n".join(path.read_text() for path in sorted(folder.glob("sweep-*.txt")))
-    assert process.returncode == 0, output[-6000:]
-    return output
-
-
-@dataclass
-class Sweep:
-    """A sweep's runs as MLflow holds them, and its study as Optuna does."""
-
-    client: MlflowClient
-    parent: Run
-    children: list[Run]  # by trial number
-    study: optuna.Study
-
-
-def _sweep(uri: str, storage: str, study: str) -> Sweep:
-    client = MlflowClient(uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
-    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
-    children.sort(key=lambda run: int(run.data.tags["lkflow.sweep.trial"]))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return Sweep(client, parent, children, optuna.load_study(study_name=study, storage=storage))
 
 
 # ---- the rings task: 6 trials, 2 at a time, median pruning, the champion served -------------
@@ -132,10 +47,10 @@ def rings_sweep(tmp_path_factory: pytest.TempPathFactory, migrated_store: Path) 
         study.enqueue_trial({"lr": lr, "hidden": hidden})
     args = ("--trials", "6", "--jobs", "2", "--startup-trials", "1", "--study", "rings")
     more = ("--experiment-name", "rings", "--registered-model-name", "rings-sweep")
-    process = _start(folder, uri, RINGS, *args, *SPACE, *QUICK, "--param", "rows=2000", *more)
-    output = _ended(process, folder)
+    process = start_sweep(folder, uri, RINGS, *args, *SPACE, *QUICK, "--param", "rows=2000", *more)
+    output = sweep_ended(process, folder)
     assert "Registered rings-sweep/1, alias champion: lkflow serve rings-sweep@champion" in output
-    yield _sweep(uri, storage, "rings")
+    yield sweep_of(uri, storage, "rings")
 
 
 @pytest.mark.slow
@@ -215,78 +130,11 @@ def test_mlflow_models_serve_answers_with_the_champion(rings_sweep: Sweep, tmp_p
     assert all(0.0 <= row[0] <= 1.0 for row in answer["predictions"])
 
 
-# ---- processes sharing a study; a sweep stopped and continued ------------------------------
-
-
-@pytest.fixture
-def hooked(tmp_path: Path) -> str:
-    (tmp_path / "hooked.py").write_text(HOOKED_TASK)
-    return "hooked.py:task"
+# ---- mlflow run, failures and bad input ----------------------------------------------------
 
 
 @pytest.mark.slow
-def test_two_processes_share_a_study_and_one_retries_the_trial_of_the_other_killed(
-    tmp_path: Path, tracking_uri: str, hooked: str
-) -> None:
-    """Both start at once, each starts a trial (the barrier), one is killed mid-trial: the other
-    finds its trial silent, ends its run KILLED, runs it again, and finishes the study."""
-    args = (hooked, "--trials", "2", "--study", "shared", *SPACE, *QUICK, *ROWS)
-    killed = _start(tmp_path, tracking_uri, *args, SWEEP_BARRIER="2", SWEEP_STALL="1")
-    other = _start(tmp_path, tracking_uri, *args, SWEEP_BARRIER="2")
-    wait_for(tmp_path / "stalled", killed)
-    killed.send_signal(signal.SIGKILL)  # its run and its trial are left RUNNING
-    killed.wait()
-    output = _ended(other, tmp_path)
-    sweep = _sweep(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", "shared")
-    assert len(list(tmp_path.glob("started-*"))) == 2  # each process started a trial
-    lost = next(t for t in sweep.study.trials if t.state == TrialState.FAIL)
-    assert f"Trial {lost.number} stopped with its process (no heartbeat)" in output
-    (retry,) = [t for t in sweep.study.trials if t.user_attrs.get("lkflow.retry_of") == lost.number]
-    assert retry.params == lost.params and retry.state == TrialState.COMPLETE
-    assert sorted(t.state for t in sweep.study.trials) == sorted(
-        [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
-    )
-    assert {r.data.tags["mlflow.parentRunId"] for r in sweep.children} == {sweep.parent.info.run_id}
-    states = {
-        r.data.tags["lkflow.sweep.trial"]: r.data.tags["lkflow.trial_state"] for r in sweep.children
-    }
-    assert states.pop(str(lost.number)) == "killed" and set(states.values()) == {"complete"}
-    lost_run = sweep.client.get_run(lost.user_attrs["lkflow.run_id"])
-    assert lost_run.info.status == "KILLED"
-    assert (
-        sweep.parent.info.status == "FINISHED" and sweep.parent.data.metrics["trials_killed"] == 1
-    )
-    assert len(sweep.client.search_model_versions("name = 'Net'")) == 1
-
-
-@pytest.mark.slow
-def test_ctrl_c_ends_the_trial_and_the_sweep_killed_and_the_same_command_continues(
-    tmp_path: Path, tracking_uri: str, hooked: str
-) -> None:
-    args = (hooked, "--trials", "1", "--study", "ctrl-c", *SPACE, *QUICK, *ROWS)
-    (tmp_path / "interrupt").touch()
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        stopped = _invoke(*args)
-    finally:
-        signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after a Ctrl-C
-    assert stopped.exit_code == 1 and "Aborted!" in stopped.output
-    storage = f"sqlite:///{tmp_path / 'sweep.db'}"
-    sweep = _sweep(tracking_uri, storage, "ctrl-c")
-    (child,) = sweep.children
-    assert (child.info.status, child.data.tags["lkflow.trial_state"]) == ("KILLED", "killed")
-    assert sweep.parent.info.status == "KILLED"
-    assert [t.state for t in sweep.study.trials] == [TrialState.FAIL, TrialState.WAITING]
-
-    (tmp_path / "interrupt").unlink()
-    assert _invoke(*args).exit_code == 0
-    sweep = _sweep(tracking_uri, storage, "ctrl-c")
-    assert sweep.parent.info.status == "FINISHED"
-    assert [t.state for t in sweep.study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert sweep.study.trials[1].params == sweep.study.trials[0].params
-
-
-@pytest.mark.slow
+@SQLITE_ONLY
 def test_under_mlflow_run_the_parent_is_the_run_mlflow_created(
     tmp_path: Path, tracking_uri: str, hooked: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -296,7 +144,7 @@ def test_under_mlflow_run_the_parent_is_the_run_mlflow_created(
     monkeypatch.setenv("MLFLOW_RUN_ID", outer)
     result = _invoke(hooked, "--trials", "1", "--pruner", "hyperband", *SPACE, *QUICK, *ROWS)
     assert result.exit_code == 0, result.output
-    sweep = _sweep(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", f"{hooked}@{outer}")
+    sweep = sweep_of(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", f"{hooked}@{outer}")
     assert sweep.parent.info.run_id == outer and sweep.parent.data.params["space.lr"]
     assert sweep.parent.data.params["pruner"] == "hyperband"
     (child,) = sweep.children
@@ -304,10 +152,8 @@ def test_under_mlflow_run_the_parent_is_the_run_mlflow_created(
     assert "val_loss" in child.data.metrics and "val_loss" not in sweep.parent.data.metrics
 
 
-# ---- failures and bad input ------------------------------------------------------------------
-
-
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_failed_trials_end_failed_with_their_traceback_and_the_sweep_goes_on(
     tmp_path: Path, tracking_uri: str, hooked: str
 ) -> None:
@@ -320,7 +166,7 @@ def test_failed_trials_end_failed_with_their_traceback_and_the_sweep_goes_on(
     assert "ZeroDivisionError: the task failed on purpose. Its traceback" in error
     (tmp_path / "fail").unlink()
     assert _invoke(*args, "--trials", "2").exit_code == 0
-    sweep = _sweep(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", "failing")
+    sweep = sweep_of(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", "failing")
     first, second = sweep.children
     assert (first.info.status, first.data.tags["lkflow.trial_state"]) == ("FAILED", "failed")
     assert first.data.tags["lkflow.error"] == "ZeroDivisionError: the task failed on purpose"
@@ -334,6 +180,7 @@ def test_failed_trials_end_failed_with_their_traceback_and_the_sweep_goes_on(
     assert sweep.parent.data.tags["lkflow.previous_error"].startswith("Every trial of sweep")
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize(
     ("args", "message"),
     [
