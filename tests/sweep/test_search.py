@@ -217,3 +217,21 @@ def test_import_lkflow_and_its_help_leave_optuna_unloaded() -> None:
     assert (
         "--space KEY=SPEC" in done.stdout and "lkflow sweep examples/rings.py:task" in done.stdout
     )
+
+
+def test_without_optuna_the_command_says_how_to_install_it(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['optuna'] = None  # as where Optuna is not installed\n"
+        "from lkflow.cli import main\n"
+        f"main(['sweep', {RINGS!r}, '--trials', '1', '--space', 'lr=uniform(0.1,0.2)'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "Error: lkflow sweep needs Optuna, which is not installed. Install it with "
+        "pip install 'lkflow[sweep]' (or pip install optuna)."
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
