@@ -428,7 +428,7 @@ def _transaction(database: str) -> Iterator[Any]:
 
 # ---- sweeps ------------------------------------------------------------------------------
 
-# The rings task with hooks for these tests, at the first batch of a trial: SWEEP_BARRIER=N
+# The rings task with hooks for the sweep tests, at a trial's first batch: SWEEP_BARRIER=N
 # holds each process's first trial until N processes have started one; SWEEP_STALL stalls the
 # trial (for a kill); a file `interrupt` raises KeyboardInterrupt, as Ctrl-C would; a file
 # `fail` makes the task itself raise in trials.
