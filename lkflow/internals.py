@@ -8,6 +8,9 @@ an upgrade breaks there, by name, rather than somewhere in a fit.
     with global_tracking_uri(uri): ...  # MLflow's global tracking URI for a block, then as it was
     last_global_step_saved(checkpoint)  # the step at which a ModelCheckpoint last saved
     record_save(checkpoint, trainer, filepath)  # a file counted as saved without writing it
+    epoch_level_names(trainer, "train")  # what the module logged with on_epoch=True, by name
+    logging_step_values(trainer)  # whether Lightning is logging a step's values, not an epoch's
+    epochs_processed(trainer)  # the epochs whose training has ended, on_train_epoch_end hooks on
 
 Overriding is the one use that cannot live here. lkflow/checkpoints.py overrides two methods
 of `ModelCheckpoint`: `_save_checkpoint(trainer, filepath)`, where it writes each file, and
@@ -21,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -94,3 +97,51 @@ def record_save(checkpoint: ModelCheckpoint, trainer: pl.Trainer, filepath: str)
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.after_save_checkpoint(proxy(checkpoint))
+
+
+def epoch_level_names(
+    trainer: pl.Trainer, stage: Literal["train", "validation"], *, since_reset: bool = False
+) -> list[str]:
+    """The names under which `trainer.callback_metrics` holds the values logged with
+    `self.log(..., on_epoch=True)` in the fit's training or validation, by the module or a
+    callback (`/dataloader_idx_N` added as Lightning adds it); with `since_reset`, only those
+    logged since Lightning last reset the loop's values (at the end of each training epoch,
+    after the Trainer's loggers had them, and of each validation, after `on_validation_end`).
+
+    Lightning keeps what `self.log` receives in a `_ResultCollection` per loop, one entry per
+    logged name with its `on_step`/`on_epoch` settings; `callback_metrics` merges every loop's
+    values and keeps a value until it is logged again, so it cannot tell these apart itself.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    results = loop._results if stage == "train" else loop.val_loop._results
+    names = []
+    for result in results.values():
+        meta = result.meta
+        if not meta.on_epoch or (since_reset and result.has_reset):
+            continue
+        suffix = ""
+        if meta.add_dataloader_idx and meta.dataloader_idx is not None:
+            suffix = results.DATALOADER_SUFFIX.format(meta.dataloader_idx)
+        names.append(f"{meta.name}{suffix}")
+    return names
+
+
+def logging_step_values(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer's loggers are being given the values of a step (`on_step=True`, every
+    `log_every_n_steps`), rather than an epoch's reduced ones.
+
+    Lightning's logger connector marks an epoch's end by setting `_first_loop_iter` to None,
+    and a batch of the loop by True or False.
+    """
+    return trainer._logger_connector._first_loop_iter is not None
+
+
+def epochs_processed(trainer: pl.Trainer) -> int:
+    """The training epochs of the fit whose batches are all done, counted from the start of
+    training (a resumed fit counts the epochs of the checkpoint).
+
+    Lightning counts an epoch processed before it calls the `on_train_epoch_end` hooks and
+    completed after them; `trainer.current_epoch` is the completed count.
+    """
+    processed: int = trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]
+    return processed

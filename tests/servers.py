@@ -1,5 +1,5 @@
 """Servers that tests start on 127.0.0.1: `mlflow server` and the scoring servers, and a Python
-where lkflow cannot be imported to run them in."""
+where lkflow cannot be imported to run them in and to load registered models with."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import textwrap
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import numpy as np
+import torch
 
 BIN = Path(sys.executable).parent  # the venv's bin: mlflow, uvicorn, lkflow
 
@@ -309,3 +313,67 @@ class PgServer:
         self.postgres.create(self.DATABASE, MIGRATED)
         shutil.rmtree(self.artifacts, ignore_errors=True)
         return self.url
+
+
+# ---- a registered model, loaded where lkflow cannot be imported ------------------------------
+
+_LOAD = """
+    import json, sys
+    try:
+        import lkflow
+    except ImportError:
+        pass
+    else:
+        sys.exit("lkflow can be imported here")
+    import numpy as np
+    import mlflow.pyfunc
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        array = np.asarray(value)
+        return {"data": array.tolist(), "dtype": str(array.dtype)}
+
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    request = {k: np.array(v["data"], dtype=v["dtype"]) for k, v in json.loads(sys.argv[2]).items()}
+    example = model.input_example
+    print(json.dumps({
+        "flavors": sorted(model.metadata.flavors),
+        "inputs": model.metadata.get_input_schema().input_names(),
+        "answer": plain(model.predict(request)),
+        "example": plain(example),
+        "example_answer": plain(model.predict(example)),
+    }))
+"""
+
+
+def load_elsewhere(
+    model_uri: str, tracking_uri: str, rows: dict[str, torch.Tensor], python: Path, cwd: Path
+) -> dict[str, Any]:
+    """What `model_uri`, loaded with mlflow.pyfunc by `python` (no lkflow), answers for `rows`
+    and for its own input example, with its flavors and input names."""
+    request = {k: {"data": t.tolist(), "dtype": str(t.numpy().dtype)} for k, t in rows.items()}
+    done = subprocess.run(
+        [
+            str(python),
+            "-c",
+            textwrap.dedent(_LOAD),
+            model_uri,
+            json.dumps(request),
+        ],
+        cwd=cwd,
+        env={**lkflow_free_env(python), "MLFLOW_TRACKING_URI": tracking_uri},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tensors(plain: dict[str, Any]) -> Any:
+    """What `_LOAD`'s `plain` wrote, as tensors again."""
+    if set(plain) == {"data", "dtype"}:
+        return torch.from_numpy(np.array(plain["data"], dtype=plain["dtype"]))
+    return {k: tensors(v) for k, v in plain.items()}

@@ -139,6 +139,51 @@ model.fit(
 )  # logs to MLFLOW_TRACKING_URI: a shared `mlflow server` over HTTP
 """
 
+# A LightningModule that is no LightModel, tracked by MLflowCallback on a plain Trainer with 2
+# processes; rank zero writes what Lightning's callback_metrics held at each epoch's end.
+GENERIC_SCRIPT = f"""
+import json
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from peers import DigitsData, LitClassifier
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+
+import lkflow
+
+
+class EpochEnds(Checkpoint):
+    def __init__(self):
+        self.held = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.held.append({{k: float(v) for k, v in trainer.callback_metrics.items()}})
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            Path(sys.argv[1], "held.json").write_text(json.dumps(self.held))
+
+
+pl.seed_everything(0, verbose=False)
+trainer = pl.Trainer(
+    max_epochs={TRACKED_EPOCHS},
+    accelerator="cpu",
+    devices={PROCESSES},
+    strategy="ddp",
+    logger=False,
+    log_every_n_steps=1,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    callbacks=[
+        lkflow.MLflowCallback(experiment_name="ddp-module", registered_model_name="ddp-module"),
+        ModelCheckpoint(monitor="valid_acc", mode="max"),
+        EpochEnds(),
+    ],
+)
+trainer.fit(LitClassifier(hidden=16, lr=0.05), datamodule=DigitsData(batch_size=32, rows=320))
+"""
+
 # A session that Lightning takes for an interactive one (it checks `sys.ps1`), as in a notebook.
 NOTEBOOK_SCRIPT = f"""
 import sys
@@ -265,6 +310,13 @@ def launches(
             tmp_path_factory.mktemp("tracked"),
             "tracked.py",
             TRACKED_SCRIPT,
+            python,
+            MLFLOW_TRACKING_URI=tracking_server,
+        ),
+        "generic": _launch(
+            tmp_path_factory.mktemp("generic"),
+            "generic.py",
+            GENERIC_SCRIPT,
             python,
             MLFLOW_TRACKING_URI=tracking_server,
         ),
@@ -456,3 +508,28 @@ def test_a_tracked_fit_over_http_makes_one_run_with_each_epoch_logged_once(track
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoints", "net", "history.csv"} <= artifacts  # uploaded through the server
     assert not (launches["tracked"].out / "mlruns").exists()
+
+
+def test_a_lightning_module_tracked_with_two_processes_makes_one_run_of_rank_zeros_values(
+    launches, tracking_server
+):
+    import json
+
+    from mlflow import MlflowClient
+
+    out = launches["generic"].wait()
+    held = json.loads((out / "held.json").read_text())
+    client = MlflowClient(tracking_server)
+    experiment = client.get_experiment_by_name("ddp-module")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "train_acc_epoch", "val_loss", "valid_acc"):
+        logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        expected = [
+            (epoch, pytest.approx(ends[key], rel=1e-6)) for epoch, ends in enumerate(held, 1)
+        ]
+        assert sorted(logged) == expected, key
+    step_values = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_step")]
+    assert len(step_values) == len(set(step_values)) == TRACKED_EPOCHS * 4  # rank zero's, once
+    (version,) = client.search_model_versions("name = 'ddp-module'")
+    assert version.run_id == run.info.run_id and version.tags["monitor"] == "valid_acc"

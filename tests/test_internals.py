@@ -14,12 +14,16 @@ import pytorch_lightning as pl
 import torch
 from helpers import make_loaders, make_model
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import Logger
 from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 
 from lkflow.checkpoints import BestCheckpoint
 from lkflow.internals import (
+    epoch_level_names,
+    epochs_processed,
     global_tracking_uri,
     last_global_step_saved,
+    logging_step_values,
     record_save,
     trains_in_child_processes,
     with_sampler,
@@ -171,3 +175,97 @@ def test_a_new_best_goes_through_the_overridden_method_and_changes_only_its_best
     saving = {"_last_global_step_saved", "_last_checkpoint_saved"}  # set once the file is written
     for changed in best.changed:
         assert changed <= set(BestCheckpoint._BEST_STATE) | saving
+
+
+class _Logs(pl.LightningModule):
+    """Logs a value per step, one per epoch, one both ways, in training and in validation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("per_step", loss)  # training_step: on_step=True, on_epoch=False
+        self.log("per_epoch", loss, on_step=False, on_epoch=True)
+        self.log("both", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self):
+        self.log("at_epoch_end", 1.0)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val", self.layer(batch[0]).mean())  # validation_step: on_epoch=True
+        self.log("val_per_step", 1.0, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _Seen(Logger):
+    """Each `log_metrics` call of the fit: its keys, and whether Lightning was logging a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[bool, set[str]]] = []
+        self.trainer: pl.Trainer | None = None
+
+    name, version = "seen", 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((logging_step_values(self.trainer), set(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class _Names(pl.Callback):
+    """The names and counts the internals give at the hooks where lkflow reads them."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, list] = {}
+
+    def note(self, hook: str, value) -> None:
+        self.at.setdefault(hook, []).append(value)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.note("epoch_start", (epochs_processed(trainer), trainer.current_epoch))
+        self.note("train_names", sorted(epoch_level_names(trainer, "train")))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.note("epoch_end", (epochs_processed(trainer), trainer.current_epoch))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.note("val_new", sorted(epoch_level_names(trainer, "validation", since_reset=True)))
+
+
+def test_what_the_module_logged_per_epoch_and_when_lightning_logs_a_step() -> None:
+    names, seen = _Names(), _Seen()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        logger=seen,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[names],
+    )
+    seen.trainer = trainer
+    train, valid = make_loaders()
+    trainer.fit(_Logs(), train, [valid, valid])  # two validation loaders
+    # the second epoch starts with the names the first logged per epoch, under their own names
+    assert names.at["train_names"][1] == ["at_epoch_end", "both", "per_epoch"]
+    assert names.at["val_new"][0] == ["val/dataloader_idx_0", "val/dataloader_idx_1"]
+    assert all(name in trainer.callback_metrics for name in names.at["val_new"][0])
+    # an epoch is processed before its on_train_epoch_end hooks, completed after them
+    assert names.at["epoch_start"] == [(0, 0), (1, 1)]
+    assert names.at["epoch_end"] == [(1, 0), (2, 1)]
+    steps = [keys for step, keys in seen.calls if step and "epoch" in keys]
+    epochs = [keys for step, keys in seen.calls if not step]
+    assert steps and all(keys == {"per_step", "both_step", "epoch"} for keys in steps)
+    validation_steps = [keys for step, keys in seen.calls if step and "epoch" not in keys]
+    assert {"val_per_step/dataloader_idx_1"} in validation_steps
+    assert {"per_epoch", "both_epoch", "at_epoch_end"} in [keys - {"epoch"} for keys in epochs]

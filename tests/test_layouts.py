@@ -12,9 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
 import sys
-import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,15 @@ import pytorch_lightning as pl
 import torch
 from helpers import fresh_store
 from mlflow import MlflowClient
-from servers import Server, free_port, lkflow_free_env, lkflow_free_python, post
+from servers import (
+    Server,
+    free_port,
+    lkflow_free_env,
+    lkflow_free_python,
+    load_elsewhere,
+    post,
+    tensors,
+)
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -235,71 +241,10 @@ def check_history(fitted: Fitted, recompute: Callable[[nn.Module], dict[str, flo
 
 # ---- the registered model, loaded where lkflow cannot be imported -----------------------------
 
-_LOAD = """
-    import json, sys
-    try:
-        import lkflow
-    except ImportError:
-        pass
-    else:
-        sys.exit("lkflow can be imported here")
-    import numpy as np
-    import mlflow.pyfunc
-
-    def plain(value):
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        array = np.asarray(value)
-        return {"data": array.tolist(), "dtype": str(array.dtype)}
-
-    model = mlflow.pyfunc.load_model(sys.argv[1])
-    request = {k: np.array(v["data"], dtype=v["dtype"]) for k, v in json.loads(sys.argv[2]).items()}
-    example = model.input_example
-    print(json.dumps({
-        "flavors": sorted(model.metadata.flavors),
-        "inputs": model.metadata.get_input_schema().input_names(),
-        "answer": plain(model.predict(request)),
-        "example": plain(example),
-        "example_answer": plain(model.predict(example)),
-    }))
-"""
-
 
 @pytest.fixture(scope="module")
 def free_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lkflow_free_python(tmp_path_factory.mktemp("lkflow_free"))
-
-
-def load_elsewhere(
-    model_uri: str, tracking_uri: str, rows: dict[str, torch.Tensor], python: Path, cwd: Path
-) -> dict[str, Any]:
-    """What `model_uri`, loaded with mlflow.pyfunc by `python` (no lkflow), answers for `rows`
-    and for its own input example, with its flavors and input names."""
-    request = {k: {"data": t.tolist(), "dtype": str(t.numpy().dtype)} for k, t in rows.items()}
-    done = subprocess.run(
-        [
-            str(python),
-            "-c",
-            textwrap.dedent(_LOAD),
-            model_uri,
-            json.dumps(request),
-        ],
-        cwd=cwd,
-        env={**lkflow_free_env(python), "MLFLOW_TRACKING_URI": tracking_uri},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def tensors(plain: dict[str, Any]) -> Any:
-    """What `_LOAD`'s `plain` wrote, as tensors again."""
-    if set(plain) == {"data", "dtype"}:
-        return torch.from_numpy(np.array(plain["data"], dtype=plain["dtype"]))
-    return {k: tensors(v) for k, v in plain.items()}
 
 
 def assert_answers(answer: Any, expected: Any) -> None:

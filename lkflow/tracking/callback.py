@@ -3,20 +3,26 @@
     trainer = pl.Trainer(max_epochs=10, callbacks=[MLflowCallback(experiment_name="rings")])
     trainer.fit(model, dl_train, dl_valid)
 
-What one fit logs, all through `MlflowClient` calls naming the run, from rank zero only:
+The module is an lkflow.LightModel or any LightningModule. What one fit logs, all through
+`MlflowClient` calls naming the run, from rank zero only:
 - params (train start): the module's hparams, optimizer, scheduler, epochs, batch size,
   precision, devices, seed, the net's class and size, the data sizes; batched, 100 a call.
-- metrics: each `history` row once, `step=epoch`, one batched call per epoch, after the
-  epoch's checkpoint is written; at the end `best_<monitor>` and `best_epoch`. A resumed fit
-  first reads which steps its run holds, and logs only the rows of the others.
+- metrics: each epoch's row once, `step=epoch`, one batched call per epoch, after the epoch's
+  checkpoint is written; at the end `best_<monitor>` and `best_epoch`. The rows are a
+  LightModel's `history`, or what another module logged with `self.log(..., on_epoch=True)`
+  (rows.py). A resumed fit first reads which steps its run holds, and logs only the rows of
+  the others.
+- what the module logs per step, and what Lightning callbacks log, through a logger into the
+  run (logger.py) at their steps.
 - inputs: the training and validation sets (rows, digest).
 - artifacts (fit end): `checkpoints/` (best and last), `net/state_dict.pt` (the best weights
-  of the bare net), `history.csv`, `curves.png`, `summary.txt`; one of these extras that
+  of the served net), `history.csv`, `curves.png`, `summary.txt`; one of these extras that
   cannot be made is left out with a warning, and the fit still finishes.
-- the model: the bare net with the best weights, exported with torch.export by its layout (a
-  pickle with the net's code where export fails), linked to the run, and registered with tags
-  once it answers its input example (the first batch's rows, whatever `example_input` returns).
-- what Lightning callbacks log through the Trainer's logger (logger.py), at their steps.
+- the model: the served net (a LightModel's bare net; another module's `net=` submodule, else
+  the module itself where it defines `forward`, else its `net` or `model`) with the best
+  weights, exported with torch.export by its layout (a pickle with the net's code where export
+  fails), linked to the run, and registered with tags once it answers its input example (a
+  few rows of the first batch's inputs, example.py).
 
 A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
@@ -40,8 +46,9 @@ retried for seconds rather than MLflow's minutes. The fit owns the run's outbox 
 lock) until it has written the run's end: a `lkflow sync` meanwhile leaves it alone.
 
 The hooks below only say when; what is done lives beside this file: the run in run.py, the
-writes in writes.py, the metrics in metrics.py, the files in artifacts.py, the model in
-export.py, its registration in registry.py.
+writes in writes.py, the epoch rows in rows.py, the metrics in metrics.py, the files in
+artifacts.py, the input example in example.py, the model in export.py, its registration in
+registry.py.
 """
 
 from __future__ import annotations
@@ -49,16 +56,15 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 from typing_extensions import override
 
-from lkflow.batches import head, to_device
+from lkflow.batches import to_device
 from lkflow.checks import check_registered_model_name
-from lkflow.errors import LkflowError
 from lkflow.tracking.artifacts import (
     checkpoints_write,
     datasets_write,
@@ -66,11 +72,14 @@ from lkflow.tracking.artifacts import (
     fit_files,
     summary_text,
 )
-from lkflow.tracking.export import best_net, net_of, saved_model
+from lkflow.tracking.example import input_example
+from lkflow.tracking.export import best_net, has_forward, net_of, saved_model, served_attribute
+from lkflow.tracking.logger import RunLogger
 from lkflow.tracking.metrics import MetricRows
 from lkflow.tracking.outbox import DEFAULT_DIR
 from lkflow.tracking.params import fit_params, prepare_params
 from lkflow.tracking.registry import best_checkpoint, registered_name, registration
+from lkflow.tracking.rows import RowsSource, rows_source
 from lkflow.tracking.run import (
     FoundRun,
     TrackedRun,
@@ -81,7 +90,13 @@ from lkflow.tracking.run import (
     log_params,
     open_run,
 )
-from lkflow.tracking.store import check_reachable, check_tracking_uri, tracking_client
+from lkflow.tracking.store import (
+    beside_mlflow_logger,
+    check_reachable,
+    check_tracking_uri,
+    tracking_client,
+    tracking_uri_as_set,
+)
 from lkflow.tracking.writes import Writer
 
 if TYPE_CHECKING:
@@ -91,15 +106,15 @@ if TYPE_CHECKING:
 
     from lkflow.batches import Inputs
 
-_EXAMPLE_ROWS = 5  # rows of the first training batch kept as the model's input example
-
 
 class MLflowCallback(pl.Callback):
-    """Logs a fit to MLflow, then logs and registers the bare net with its best weights.
+    """Logs a fit to MLflow, then logs and registers the served net with its best weights.
 
-    Arguments are kept as passed; what they resolve to during the fit lives in attributes
-    with a trailing underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`,
-    `model_version_`.
+    The module is an lkflow.LightModel or any LightningModule, such as one that logs with
+    `self.log` and is checkpointed by the Trainer's own `ModelCheckpoint`. Arguments are kept
+    as passed; what they resolve to during the fit lives in attributes with a trailing
+    underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`, `model_version_`,
+    `trainer_`.
 
     Args:
         experiment_name: Experiment of a new run. Defaults to None (`MLFLOW_EXPERIMENT_NAME`,
@@ -108,7 +123,9 @@ class MLflowCallback(pl.Callback):
         registered_model_name: Name to register the net under, or False not to register.
             Defaults to None: the experiment's name, or the net's class name in "Default".
         tracking_uri: Where to log. Defaults to None: `MLFLOW_TRACKING_URI`, else MLflow's
-            default (`sqlite:///mlflow.db` in the working folder), read when the fit starts.
+            default (`sqlite:///mlflow.db` in the working folder), read when the fit starts;
+            beside an `MLFlowLogger`, which sets MLflow's tracking URI to its own as the fit
+            starts, as it was when the callback was made.
         run_id: A run to log into. Defaults to None: the active run, else `MLFLOW_RUN_ID`,
             else the run of the checkpoint being resumed, else a new run.
         log_model: Log (and register) the net as an MLflow model. Defaults to True.
@@ -118,6 +135,18 @@ class MLflowCallback(pl.Callback):
         outbox_dir: Where the writes that a tracking server gone away during the fit could
             not take are kept, for `lkflow sync`, relative to the working folder at fit
             start. Defaults to "mlruns-outbox".
+        net: The attribute of the module's submodule to serve and register, such as
+            "encoder" (a dotted path too). Defaults to None: a LightModel's bare net; another
+            module itself where it defines `forward`, else its `net` or `model` submodule.
+        example_input: A function of the first training batch that returns what the served
+            net takes (a tensor, a tuple of tensors passed by position, or a dict passed by
+            name); its first rows are the model's input example. Defaults to None: a
+            LightModel's `example_input`, else the module's `example_input_array`, else the
+            batch's inputs (`x` of `(x, y)`, a dict without its "y"/"label(s)"/"target(s)").
+        step_metrics: Log what the module logs per step (`self.log(..., on_step=True)`) at
+            the global step, as Lightning hands it to its loggers every
+            `log_every_n_steps`. Defaults to True (`self.log` in `training_step` logs per step
+            unless told `on_epoch=True`); epoch values are logged at `step=epoch` either way.
 
     Example:
         >>> tracker = MLflowCallback(experiment_name="rings", registered_model_name="rings-net")
@@ -138,6 +167,9 @@ class MLflowCallback(pl.Callback):
         tags: Mapping[str, str] | None = None,
         params: Mapping[str, Any] | None = None,
         outbox_dir: str | os.PathLike[str] = DEFAULT_DIR,
+        net: str | None = None,
+        example_input: Callable[[Any], Any] | None = None,
+        step_metrics: bool = True,
     ) -> None:
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -148,11 +180,16 @@ class MLflowCallback(pl.Callback):
         self.tags = tags
         self.params = params
         self.outbox_dir = outbox_dir
+        self.net = net
+        self.example_input = example_input
+        self.step_metrics = step_metrics
         self.client_: MlflowClient | None = None
         self.run_id_: str | None = None
         self.experiment_id_: str | None = None
         self.model_uri_: str | None = None
         self.model_version_: ModelVersion | None = None
+        self.trainer_: pl.Trainer | None = None  # the Trainer of the fit under way
+        self._uri_when_made = tracking_uri_as_set()
         self._restored: dict[str, Any] = {}
         self._reset()
 
@@ -161,6 +198,10 @@ class MLflowCallback(pl.Callback):
         self._found: FoundRun | None = None  # what the fit read at its start
         self._writer: Writer | None = None  # the fit's writer, from fit start
         self._rows = MetricRows()
+        self._source: RowsSource | None = None  # where the epoch rows come from
+        self._attribute: str | None = None  # the served submodule; None: the module
+        self._forward = True  # whether the served net has a forward, to export and summarize
+        self._logger: RunLogger | None = None  # the logger into the run, where this added one
         self._example: Inputs | None = None
         self._example_done = False
         self._outbox_root = Path(self.outbox_dir)
@@ -171,28 +212,28 @@ class MLflowCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
             return
-        if not isinstance(getattr(pl_module, "history", None), list):
-            raise LkflowError(
-                f"Received: {type(pl_module).__name__}, which has no `history` list. "
-                "MLflowCallback logs the per-epoch rows of an lkflow.LightModel; "
-                "wrap the net in LightModel(net, ...)."
-            )
-        check_registered_model_name(self.registered_model_name)  # before any MLflow call
+        attribute = served_attribute(pl_module, self.net)  # before any MLflow call
+        check_registered_model_name(self.registered_model_name)
         from mlflow import get_tracking_uri
 
-        uri = self.tracking_uri or get_tracking_uri()
+        uri = self.tracking_uri or beside_mlflow_logger(trainer, self._uri_when_made)
+        uri = uri or get_tracking_uri()
         check_tracking_uri(uri)
         check_reachable(uri)
         self._reset()
+        self._attribute = attribute
+        self._forward = has_forward(pl_module, attribute)
+        self._source = rows_source(trainer, pl_module)
         self._outbox_root = Path(self.outbox_dir).resolve()
         self._restored = {}
         self.client_ = tracking_client(uri)
         self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None
+        self.trainer_ = trainer
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        client = self.client_
-        if not trainer.is_global_zero or client is None:
+        client, source = self.client_, self._source
+        if not trainer.is_global_zero or client is None or source is None:
             return
         self._found = found = find_run(
             client,
@@ -202,14 +243,16 @@ class MLflowCallback(pl.Callback):
         )
         self.run_id_, self.experiment_id_ = found.run_id, found.experiment_id
         self._writer = Writer(self._outbox_root)
+        self._logger = RunLogger.join(trainer, self)
         if self.experiment_name not in (None, found.experiment_name):
             warnings.warn(
                 f"Logging into run {found.run_id} of experiment {found.experiment_name!r}; "
                 f"experiment_name={self.experiment_name!r} applies to new runs only.",
                 stacklevel=2,
             )
+        source.restore(self._restored.get("rows", []))
         if self._restored and found.run_id is not None:  # resumed, whenever the last fit stopped
-            self._rows.hold(client, found.run_id, self._outbox_root, _history(pl_module))
+            self._rows.hold(client, found.run_id, self._outbox_root, source.rows())
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -217,7 +260,7 @@ class MLflowCallback(pl.Callback):
             return
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-        own = fit_params(trainer, net_of(pl_module), pl_module.hparams)
+        own = fit_params(trainer, net_of(pl_module, self._attribute), pl_module.hparams)
         prepared = prepare_params({**own, **(self.params or {})}, limit=MAX_PARAM_VAL_LENGTH)
         resumed = self._restored.get("run_id") == self.run_id_
         log_params(self._writer, self._found, prepared, resumed)
@@ -232,13 +275,7 @@ class MLflowCallback(pl.Callback):
         if self._example_done or not trainer.is_global_zero:
             return
         self._example_done = True
-        example_input = getattr(pl_module, "example_input", _first_tensor)
-        try:
-            inputs = example_input(batch)
-        except LkflowError:
-            return  # a batch layout without inputs: no example, a model that is not registered
-        with contextlib.suppress(LkflowError):  # not tensors: no example either
-            self._example = head(inputs, _EXAMPLE_ROWS)  # stays on the device until the end
+        self._example = input_example(pl_module, batch, self.example_input)
 
     @override
     def on_train_batch_end(
@@ -254,23 +291,30 @@ class MLflowCallback(pl.Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self._writer is not None:
-            self._rows.log(self._writer, _history(pl_module))
+        if trainer.is_global_zero and self._writer is not None and self._source is not None:
+            self._rows.log(self._writer, self._source.rows())
+            self._source.start_epoch()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self._source is not None:
+            self._source.end_validation()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self._writer is not None:
-            self._rows.log(self._writer, _history(pl_module))
+        if trainer.is_global_zero and self._writer is not None and self._source is not None:
+            self._rows.log(self._writer, self._source.rows())
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        self._leave(trainer)
         opened = self._open()  # opened here by a fit without a batch, as a finished one resumed
-        if opened is None:
+        if opened is None or self._source is None:
             return
         writer, run = opened
-        self._rows.log(writer, _history(pl_module))
+        self._rows.log(writer, self._source.rows())
         self._log_outputs(writer, run, trainer, pl_module)
         clear_error(writer, run)
         end_run(writer, run, "FINISHED")
@@ -279,13 +323,14 @@ class MLflowCallback(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        writer = self._writer
+        self._leave(trainer)
+        writer, source = self._writer, self._source
         run = None if writer is None else writer.run
-        if not trainer.is_global_zero or writer is None or run is None:
+        if not trainer.is_global_zero or writer is None or run is None or source is None:
             return  # failed before the first batch trained: no run was created or reopened
         status = "FAILED" if isinstance(exception, Exception) else "KILLED"  # Ctrl-C, SIGTERM
         with _carry_on("log the history and checkpoints of the failed fit"):
-            self._rows.log(writer, _history(pl_module))
+            self._rows.log(writer, source.rows())
             checkpoints = checkpoints_write(trainer, last=True)
             if checkpoints is not None:
                 writer.send(checkpoints)
@@ -296,7 +341,8 @@ class MLflowCallback(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id_}
+        saved = None if self._source is None else self._source.saved()
+        return {"run_id": self.run_id_} | ({} if saved is None else {"rows": saved})
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -308,6 +354,11 @@ class MLflowCallback(pl.Callback):
     def writer_(self) -> Writer | None:
         """The writes of the fit under way go through it (RunLogger's too); None before."""
         return self._writer
+
+    def _leave(self, trainer: pl.Trainer) -> None:
+        """The fit is over: the Trainer loses the logger this callback gave it."""
+        RunLogger.leave(trainer, self._logger)
+        self._logger, self.trainer_ = None, None
 
     def _open(self) -> tuple[Writer, TrackedRun] | None:
         """The fit's writer and its run, the run created or reopened now if it is not yet;
@@ -344,18 +395,19 @@ class MLflowCallback(pl.Callback):
     def _log_outputs(
         self, writer: Writer, run: TrackedRun, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
-        """Artifacts, the bare net with the best weights as an MLflow model, best metrics."""
-        best = best_checkpoint(trainer, _history(pl_module))
-        net = best_net(pl_module, best.state_dict)
+        """Artifacts, the served net with the best weights as an MLflow model, best metrics."""
+        rows = [] if self._source is None else self._source.rows()
+        best = best_checkpoint(trainer, rows)
+        net = best_net(pl_module, best.state_dict, self._attribute)
         example = None if self._example is None else to_device(self._example, "cpu")
-        table = summary_text(net, example)
-        with fit_files(_history(pl_module), net, table) as files:
+        table = summary_text(net, example) if self._forward else ""
+        with fit_files(rows, net, table) as files:
             writer.send(files)
         checkpoints = checkpoints_write(trainer, last=False)
         if checkpoints is not None:
             writer.send(checkpoints)
         logged = False
-        if self.log_model:
+        if self.log_model and self._forward:
             ids = (run.run_id, run.experiment_id)
             with saved_model(net, example, *ids, run.params, best.epoch) as (model, servable):
                 model_id = None if model is None else writer.send(model)
@@ -368,7 +420,7 @@ class MLflowCallback(pl.Callback):
                 key = self._rows.key_of(best.monitor)
                 version = registration(name, best, run.run_id, table, key)
                 self.model_version_ = writer.send(version)
-        self._rows.log_best(writer, best, _history(pl_module), to_model=logged)
+        self._rows.log_best(writer, best, rows, to_model=logged)
 
 
 @contextlib.contextmanager
@@ -381,13 +433,3 @@ def _carry_on(what: str) -> Iterator[None]:
         yield
     except (MlflowException, OSError) as err:
         warnings.warn(f"Could not {what} in MLflow: {err}", stacklevel=3)
-
-
-def _history(pl_module: pl.LightningModule) -> list[dict[str, Any]]:
-    """The module's rows, one an epoch (setup checked that it has a `history` list)."""
-    history: list[dict[str, Any]] = getattr(pl_module, "history", [])
-    return history
-
-
-def _first_tensor(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch

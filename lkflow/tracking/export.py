@@ -1,11 +1,15 @@
-"""The servable model of a fit: the bare net with its best weights, saved as an MLflow model.
+"""The servable model of a fit: the served net with its best weights, saved as an MLflow model.
 
-    net = best_net(pl_module, best.state_dict)  # a CPU copy in eval mode
+    attribute = served_attribute(pl_module, net=None)  # "net" of a LightModel, "encoder", None
+    net = best_net(pl_module, best.state_dict, attribute)  # a CPU copy in eval mode
     with saved_model(net, example, run_id, experiment_id, params, step) as write:
         model_id = writer.send(write)  # a LoggedModel of the run
 
-The model follows the net's layout, read from the input example (`example_input` of the first
-batch, a few rows) and the net's outputs for it:
+The served net is a submodule the user names (`MLflowCallback(net="encoder")`), else an
+lkflow.LightModel's bare `net`, else the module itself where it defines `forward`, else its
+`net` or `model` submodule. The model
+follows the net's layout, read from the input example (a few rows of the first batch's inputs,
+lkflow/tracking/example.py) and the net's outputs for it:
 - one tensor in, one tensor out: MLflow's pytorch flavor, the net exported with torch.export
   (its "pt2" format); a request `{"inputs": [[...], ...]}` answers `{"predictions": [...]}`;
 - any other net (a tuple or a dict of inputs, a tuple or a dict of outputs): a pyfunc model of
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import shutil
 import sys
 import sysconfig
@@ -45,19 +50,92 @@ if TYPE_CHECKING:
     from lkflow.tracking.writes import ModelWrite, State
 
 
-def net_of(pl_module: pl.LightningModule) -> nn.Module:
-    """The bare net of an lkflow.LightModel (its `net`), else the module itself."""
-    net: nn.Module = getattr(pl_module, "net", pl_module)
-    return net
+_NET_ATTRIBUTES = ("net", "model")  # the submodules served of a module without a forward
+
+
+def served_attribute(pl_module: pl.LightningModule, name: str | None = None) -> str | None:
+    """The submodule of `pl_module` that is served, by its attribute, or None for the module
+    itself: `name` (a dotted path such as "model.backbone" too); else an lkflow.LightModel's
+    bare `net`; else the module itself where it defines `forward` (Lightning's inference step);
+    else its `net` or `model` submodule, where it has one.
+
+    Raises:
+        LkflowError: `name` is no submodule of `pl_module`; the message lists its submodules.
+
+    Example:
+        >>> served_attribute(LitAutoEncoder(encoder, decoder), "encoder")
+        'encoder'
+    """
+    from torch import nn
+
+    from lkflow.model import LightModel
+
+    if name is None:
+        if isinstance(pl_module, LightModel):
+            return "net"
+        if _defines_forward(pl_module):
+            return None
+        found = (a for a in _NET_ATTRIBUTES if isinstance(getattr(pl_module, a, None), nn.Module))
+        return next(found, None)
+    try:
+        pl_module.get_submodule(name)
+    except AttributeError:
+        children = [child for child, _ in pl_module.named_children()]
+        close = difflib.get_close_matches(name, children, n=1)
+        hint = f" Did you mean net={close[0]!r}?" if close else ""
+        raise LkflowError(
+            f"Received: net={name!r}, which is no submodule of {type(pl_module).__name__}. "
+            f"Expected the attribute of the net to serve, one of {children}, or net=None "
+            f"for the module itself (its `net` or `model` without a forward).{hint}"
+        ) from None
+    return name
+
+
+def _defines_forward(net: nn.Module) -> bool:
+    import pytorch_lightning as pl
+    from torch import nn
+
+    return type(net).forward not in (nn.Module.forward, pl.LightningModule.forward)
+
+
+def has_forward(pl_module: pl.LightningModule, attribute: str | None) -> bool:
+    """Whether the served net defines a `forward` of its own; one warning, naming the module's
+    submodules, where it does not (a LightningModule such as Lightning's quick-start
+    autoencoder): the run then gets no model and no layer table.
+
+    Example:
+        >>> has_forward(LitAutoEncoder(encoder, decoder), None)  # warns: net='encoder'?
+        False
+    """
+    net = net_of(pl_module, attribute)
+    if _defines_forward(net):
+        return True
+    children = [child for child, _ in net.named_children()]
+    warnings.warn(
+        f"{type(net).__name__} has no forward of its own, so the run gets no MLflow model "
+        "and no layer table (everything else is logged). Fix: pass "
+        f"MLflowCallback(net=...) naming the submodule to serve, one of {children}, or "
+        "define forward.",
+        stacklevel=3,
+    )
+    return False
+
+
+def net_of(pl_module: pl.LightningModule, attribute: str | None = None) -> nn.Module:
+    """The served net: the submodule at `attribute` (`served_attribute`), else the module."""
+    return pl_module.get_submodule(attribute) if attribute else pl_module
 
 
 def best_net(
-    pl_module: pl.LightningModule, state_dict: dict[str, torch.Tensor] | None
+    pl_module: pl.LightningModule,
+    state_dict: dict[str, torch.Tensor] | None,
+    attribute: str | None = None,
 ) -> nn.Module:
-    """A CPU copy of the bare net in eval mode, with the best checkpoint's weights."""
-    net = copy.deepcopy(net_of(pl_module)).cpu().eval()
+    """A CPU copy of the served net in eval mode, with the best checkpoint's weights (the
+    module's `state_dict`, of which the net's entries are those under `attribute`)."""
+    net = copy.deepcopy(net_of(pl_module, attribute)).cpu().eval()
     if state_dict is not None:
-        prefix = "net." if hasattr(pl_module, "net") else ""
+        prefix = f"{attribute}." if attribute else ""
         own = {key[len(prefix) :]: v for key, v in state_dict.items() if key.startswith(prefix)}
         net.load_state_dict(own)
     return net
@@ -149,7 +227,7 @@ def save_model(net: nn.Module, example: Inputs | None, path: Path, mlflow_model:
         _warn_unregistered(
             name,
             "the fit took no input example from the first batch",
-            "override example_input(batch) to return what the net takes from a batch",
+            _EXAMPLE_FIX,
         )
         return False
     try:
@@ -181,10 +259,16 @@ def save_model(net: nn.Module, example: Inputs | None, path: Path, mlflow_model:
     return answer is None
 
 
+_EXAMPLE_FIX = (
+    "pass MLflowCallback(example_input=fn), fn(batch) returning what the net takes (a tensor, "
+    "a tuple or a dict of tensors), or set the module's example_input_array, or override "
+    "example_input(batch) of an lkflow.LightModel"
+)
 _FIX = (
-    "make example_input(batch) return what the net takes (a tensor, a tuple or a dict of "
-    "tensors), the net return a tensor, a tuple or a dict of tensors, and its forward trace "
-    "with torch.export"
+    "make example_input(batch) (or MLflowCallback(example_input=fn), or example_input_array) "
+    "give what the net takes (a tensor, a tuple or a dict of tensors), the net return a tensor, "
+    "a tuple or a dict of tensors, and its forward trace with torch.export; or serve another "
+    "submodule with MLflowCallback(net=...)"
 )
 _PICKLE_LOADING = (
     ". MLflow loads it as it is (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false refuses it); "

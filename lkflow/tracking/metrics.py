@@ -75,25 +75,30 @@ class MetricRows:
     ) -> None:
         """Takes the steps the run holds, logged by the fits before a resume, as logged.
 
-        One metric's history tells them (every row is logged in one call), read from MLflow
+        Every row is logged in one call, so one metric's history tells the steps of the rows
+        that hold it: the histories read are those of the first key of each row that holds
+        none of the keys read before (one key where every row has the same keys), from MLflow
         and from the run's outbox, whose writes have not reached MLflow yet.
         """
-        first = next((key for key in history[0] if key != "epoch"), None) if history else None
-        if first is None:
+        keys: list[str] = []
+        for row in history:
+            if not any(key in row for key in keys):
+                keys += [key for key in row if key != "epoch"][:1]
+        if not keys:
             self.logged_at = {}
             return
-        self._name(history[:1])
-        key = self.names[first]
+        self._name(history)
+        names = {self.names[key] for key in keys}
         # The outbox first: a sync delivering meanwhile moves its points into MLflow, read next.
         kept = Outbox(outbox_root / run_id).entries()
         with bounded_http_retries():
-            points = client.get_metric_history(run_id, key)
+            points = [p for name in names for p in client.get_metric_history(run_id, name)]
         held = {
             step: at
             for write in kept
             if write["op"] == "batch"
             for name, _, at, step in write.get("metrics", [])
-            if name == key
+            if name in names
         }
         held.update({point.step: point.timestamp for point in points})
         self.logged_at = held

@@ -5,6 +5,7 @@ sqlite file that several processes can share, and how long to wait for a server.
     check_sqlite_file("sqlite:///mlflow.db")  # LkflowError at once when mlflow.db is a folder
     check_reachable("http://127.0.0.1:5000")  # LkflowError at once when nothing answers
     client = tracking_client("sqlite:///mlflow.db")  # safe from several processes at once
+    uri = beside_mlflow_logger(trainer, tracking_uri_as_set())  # not an MLFlowLogger's URI
     with bounded_http_retries():
         client.log_batch(run_id, metrics=metrics)  # a dead server fails in seconds, not minutes
 
@@ -28,6 +29,7 @@ import difflib
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,7 @@ from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
 
 if TYPE_CHECKING:
+    import pytorch_lightning as pl
     from mlflow import MlflowClient
 
 CONNECT_TIMEOUT_S = 3.0
@@ -354,3 +357,24 @@ def sqlite_path(uri: str) -> Path | None:
 def _lock_file(database: Path) -> Path:
     """The lock file of `database`, beside it: `mlflow.db.lock` for `mlflow.db`."""
     return database.with_name(f"{database.name}.lock")
+
+
+def tracking_uri_as_set() -> str | None:
+    """MLflow's tracking URI now, without importing MLflow: its own where it is imported (one
+    set with `mlflow.set_tracking_uri` included), else `MLFLOW_TRACKING_URI`; None for neither."""
+    if "mlflow" in sys.modules:
+        from mlflow import get_tracking_uri
+
+        return get_tracking_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def beside_mlflow_logger(trainer: pl.Trainer, uri_when_made: str | None) -> str | None:
+    """`uri_when_made` (`tracking_uri_as_set` when a callback was made), else MLflow's default,
+    where the Trainer has an `MLFlowLogger`: it sets MLflow's URI (and `MLFLOW_TRACKING_URI`)
+    to its own when the fit sets up, before any callback's `setup`. None without one."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    if not any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers):
+        return None
+    return uri_when_made or f"sqlite:///{Path('mlflow.db').resolve()}"

@@ -97,27 +97,28 @@ def test_plain_trainer_logs_to_mlflow_db_in_the_working_folder(
     assert tracker.model_uri_ == tracker.model_version_.source
 
 
-def test_module_without_history_is_refused() -> None:
+def test_a_net_that_is_no_submodule_fails_before_any_run(tracking_uri: str) -> None:
     class Plain(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = Net()
+            self.encoder = Net()
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.net(batch[0]).mean()
+            return self.encoder(batch[0]).mean()
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     trainer = pl.Trainer(
         max_epochs=1,
-        callbacks=[MLflowCallback()],
+        callbacks=[MLflowCallback(net="encodr")],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
     )
-    with pytest.raises(LkflowError, match="history"):
+    with pytest.raises(LkflowError, match=r"net='encodr'.*\['encoder'\].*net='encoder'"):
         trainer.fit(Plain(), make_loaders()[0])
+    assert MlflowClient(tracking_uri).search_runs(["0"]) == []
 
 
 def test_importing_tracking_does_not_import_mlflow(tmp_path: Path) -> None:

@@ -18,16 +18,20 @@ from typing import Any
 import mlflow
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from helpers import SQLITE_ONLY, TRACKED_IN_SQLITE, Tracked, fit
 from helpers import make_scheduled_model as make_model
 from mlflow import MlflowClient
 from mlflow.models import Model
+from peers import LitClassifier, LitTabular, autoencoder
 from servers import BIN, Server, bin_path_env, free_port
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lkflow import LightModel
+from lkflow.errors import LkflowError
+from lkflow.tracking.export import best_net, served_attribute
 
 X = [[5.0, 0.0], [0.0, -8.0], [3.5, 3.5], [-6.0, 6.0]]
 
@@ -329,3 +333,29 @@ def test_a_failing_layer_table_warns_once_and_the_fit_still_registers(
     assert "summary.txt" not in files
     (version,) = client.search_model_versions("name = 'NoPairs'")
     assert version.run_id == model.run_id and version.description in (None, "")
+
+
+class _NetNoForward(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.model = nn.Linear(2, 1), nn.Linear(2, 3)
+
+
+def test_the_served_net_by_the_modules_layout() -> None:
+    assert served_attribute(make_model()) == "net"  # a LightModel's bare net
+    assert served_attribute(LitClassifier()) is None  # its forward, on its `model`
+    assert served_attribute(LitTabular()) is None
+    assert served_attribute(_NetNoForward()) == "net"  # no forward: `net`, then `model`
+    assert served_attribute(autoencoder()) is None  # neither: has_forward warns
+    assert served_attribute(autoencoder(), "encoder.0") == "encoder.0"
+    with pytest.raises(LkflowError, match=r"net='decodr'.*Did you mean net='decoder'"):
+        served_attribute(autoencoder(), "decodr")
+
+
+def test_the_best_weights_are_the_served_submodules() -> None:
+    module = autoencoder()
+    best = {key: torch.zeros_like(value) for key, value in module.state_dict().items()}
+    encoder = best_net(module, best, "encoder")
+    assert type(encoder) is type(module.encoder) and not encoder.training
+    assert all(not value.any() for value in encoder.state_dict().values())
+    assert any(value.any() for value in module.encoder.state_dict().values())  # untouched
