@@ -357,7 +357,8 @@ def register_champion(
     client: MlflowClient, study: optuna.Study, name: str, monitor: str, mode: str
 ) -> ModelVersion | None:
     """The best trial's model registered under `name` (its version, where a trial registered
-    it already), with the alias `champion`; None when that trial logged no model."""
+    it already), with the alias `champion`; None when that trial logged no model that answers
+    its input example (the check every fit makes before it registers one)."""
     from lkflow.tracking.params import sanitize_key
     from lkflow.tracking.registry import BEST_EPOCH_METRIC, Best, register, registration
 
@@ -365,7 +366,9 @@ def register_champion(
     run_id, model_uri = best.user_attrs.get(RUN_ATTR), best.user_attrs.get(MODEL_ATTR)
     if run_id is None or model_uri is None:
         warnings.warn(
-            f"The best trial, {best.number}, logged no model: no champion is registered.",
+            f"The best trial, {best.number}, logged no model that answers its input example: "
+            "no champion is registered. Its run holds the weights (net/state_dict.pt) and a "
+            "warning of the fit said why.",
             stacklevel=2,
         )
         return None

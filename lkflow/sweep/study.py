@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 # Study and trial user attributes: how a study and its trials find their MLflow runs.
 PARENT_ATTR = "lkflow.parent_run_id"  # the study's: the sweep's parent run
 RUN_ATTR = "lkflow.run_id"  # a trial's: its child run
-MODEL_ATTR = "lkflow.model_uri"  # a trial's: the model its run logged
+MODEL_ATTR = "lkflow.model_uri"  # a trial's: the model its run logged, if it may be registered
 STATE_ATTR = "lkflow.trial_state"  # a trial's end, where Optuna's state says less: failed, killed
 ERROR_ATTR = "lkflow.error"  # a failed trial's exception, one line
 RETRY_ATTR = "lkflow.retry_of"  # the number of the killed trial that this one runs again

@@ -181,7 +181,7 @@ class Objective:
                 ckpt_dir=Path(setup.ckpt_dir) / run_id,
                 verbose=setup.verbose,
             )
-            if tracker.model_uri_ is not None:
+            if tracker.model_uri_ is not None and tracker.model_servable_:
                 trial.set_user_attr(MODEL_ATTR, tracker.model_uri_)
             value = self._best_value(run_id) if pruning.pruned_epoch is None else None
         except Exception as err:

@@ -180,6 +180,24 @@ def test_failed_trials_end_failed_with_their_traceback_and_the_sweep_goes_on(
     assert sweep.parent.data.tags["lkflow.previous_error"].startswith("Every trial of sweep")
 
 
+@pytest.mark.slow
+@SQLITE_ONLY
+def test_a_best_trial_whose_model_cannot_answer_its_example_is_no_champion(
+    tmp_path: Path, tracking_uri: str, hooked: str
+) -> None:
+    (tmp_path / "unservable").touch()
+    args = (hooked, "--study", "unservable", "--trials", "1", *SPACE, *QUICK, *ROWS)
+    with pytest.warns(UserWarning, match="no champion is registered") as warned:
+        result = _invoke(*args, "--registered-model-name", "noisy")
+    assert result.exit_code == 0, result.output
+    assert any("Noisy is logged but not registered" in str(w.message) for w in warned)
+    sweep = sweep_of(tracking_uri, f"sqlite:///{tmp_path / 'sweep.db'}", "unservable")
+    (child,) = sweep.children
+    assert child.data.tags["lkflow.trial_state"] == "complete"
+    assert sweep.client.search_registered_models() == []
+    assert "lkflow.sweep.champion" not in sweep.parent.data.tags
+
+
 @SQLITE_ONLY
 @pytest.mark.parametrize(
     ("args", "message"),
