@@ -5,15 +5,18 @@ leaving its wrapper), with its figures written to `--out`:
 
     python examples/rings.py --out figures
 
-Train it as a task, tracked and registered in MLflow:
+Train it as a task, tracked and registered in MLflow, or search its learning rate and width
+with Optuna (`space` below; `pip install -e ".[sweep]"`):
 
     lkflow train examples/rings.py:task --epochs 10 --registered-model-name rings-net
+    lkflow sweep examples/rings.py:task --trials 20 --jobs 2 --epochs 10
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
@@ -27,15 +30,19 @@ from lkflow import LightModel, plot_metric, summary
 from lkflow.datasets import rings
 from lkflow.tasks import Task, TaskOptions
 
+if TYPE_CHECKING:
+    import optuna
+
 
 class Net(nn.Module):
-    """The article's net: 2 -> 6 -> 12 -> 1 with ReLUs, returning probabilities."""
+    """The article's net: 2 -> 6 -> 12 -> 1 with ReLUs, returning probabilities; `hidden`
+    sets the second layer's width (the first is half of it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 12) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(2, 6)
-        self.fc2 = nn.Linear(6, 12)
-        self.fc3 = nn.Linear(12, 1)
+        self.fc1 = nn.Linear(2, max(hidden // 2, 1))
+        self.fc2 = nn.Linear(max(hidden // 2, 1), hidden)
+        self.fc3 = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.fc1(x))
@@ -43,11 +50,12 @@ class Net(nn.Module):
         return torch.sigmoid(self.fc3(x))
 
 
-def loaders(batch_size: int = 100) -> tuple[DataLoader, DataLoader]:
+def loaders(batch_size: int = 100, rows: int = 4000) -> tuple[DataLoader, DataLoader]:
     """The article's 4000 points split 70/30 (the same split every time).
 
     Args:
         batch_size: Rows per batch. Defaults to 100, the article's.
+        rows: Points in all. Defaults to 4000, the article's.
 
     Returns:
         The shuffled training loader and the validation loader.
@@ -58,15 +66,17 @@ def loaders(batch_size: int = 100) -> tuple[DataLoader, DataLoader]:
         (2800, 1200)
     """
     split = torch.Generator().manual_seed(0)
-    ds_train, ds_valid = random_split(rings(4000), [2800, 1200], generator=split)
+    train_rows = rows * 7 // 10
+    ds_train, ds_valid = random_split(rings(rows), [train_rows, rows - train_rows], generator=split)
     return DataLoader(ds_train, batch_size, shuffle=True), DataLoader(ds_valid, batch_size)
 
 
-def build_model(lr: float = 1e-2) -> LightModel:
+def build_model(lr: float = 1e-2, hidden: int = 12) -> LightModel:
     """The article's model: its net, BCELoss on the probabilities, accuracy, Adam.
 
     Args:
         lr: Adam's learning rate. Defaults to 1e-2, the article's.
+        hidden: The net's width. Defaults to 12, the article's.
 
     Returns:
         A LightModel around a fresh `Net`.
@@ -75,7 +85,7 @@ def build_model(lr: float = 1e-2) -> LightModel:
         >>> build_model().net.fc3.out_features
         1
     """
-    net = Net()
+    net = Net(hidden)
     return LightModel(
         net,
         loss_fn=nn.BCELoss(),
@@ -141,7 +151,8 @@ def task(options: TaskOptions) -> Task:
     """The article's model and data as a task for `lkflow train examples/rings.py:task`.
 
     Args:
-        options: `lr` (default 1e-2) and `batch_size` (default 100) are used.
+        options: `lr` (default 1e-2) and `batch_size` (default 100) are used, and the params
+            `hidden` (the net's width, default 12) and `rows` (points in all, default 4000).
 
     Returns:
         The task: best epoch by `val_loss`, and a predictions figure as its report.
@@ -150,8 +161,8 @@ def task(options: TaskOptions) -> Task:
         >>> task(TaskOptions(batch_size=50)).train_data.batch_size
         50
     """
-    dl_train, dl_valid = loaders(options.batch_size or 100)
-    model = build_model(1e-2 if options.lr is None else options.lr)
+    dl_train, dl_valid = loaders(options.batch_size or 100, options.param("rows", 4000))
+    model = build_model(1e-2 if options.lr is None else options.lr, options.param("hidden", 12))
     return Task(
         model,
         dl_train,
@@ -159,6 +170,25 @@ def task(options: TaskOptions) -> Task:
         fit_kwargs={"monitor": "val_loss", "mode": "min"},
         report=lambda fitted: {"predictions.png": plot_predictions(fitted, dl_valid.dataset)},
     )
+
+
+def space(trial: optuna.Trial) -> dict[str, float | int]:
+    """What `lkflow sweep examples/rings.py:task` searches when it is given no --space.
+
+    Args:
+        trial: The Optuna trial.
+
+    Returns:
+        Adam's learning rate (1e-3 to 0.1, log-scaled) and the net's width (4 to 64).
+
+    Example:
+        >>> space(optuna.trial.FixedTrial({"lr": 0.01, "hidden": 16}))  # doctest: +SKIP
+        {'lr': 0.01, 'hidden': 16}
+    """
+    return {
+        "lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True),
+        "hidden": trial.suggest_int("hidden", 4, 64, log=True),
+    }
 
 
 def main(out: Path, epochs: int = 10, gpus: int = 0) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The `lkflow` command: train a task, list and compare runs, serve a registered net.
 
     lkflow train examples/rings.py:task --epochs 10 --registered-model-name rings-net
+    lkflow sweep examples/rings.py:task --trials 20 --space 'lr=loguniform(1e-4,1e-1)'
     lkflow runs --sort best
     lkflow compare RUN RUN --metric val_loss --out compare.png
     lkflow serve rings-net --port 5001
@@ -18,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 import click
@@ -161,6 +162,132 @@ def train(
         tracking_uri=tracking_uri,
     )
     click.echo("Compare runs with: lkflow runs")  # the fit said which run, experiment and version
+
+
+# ---- sweep --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("target")
+@click.option("--trials", type=_POSITIVE, required=True, help="Trials of the study in all.")
+@click.option("--jobs", type=_POSITIVE, default=1, show_default=True, help="Trials at once here.")
+@click.option(
+    "--space",
+    "space",
+    multiple=True,
+    metavar="KEY=SPEC",
+    help="uniform(a,b), loguniform(a,b), int(a,b[,log][,step=N]), choice(x,y,...). "
+    "Default: the task file's space(trial).",
+)
+@click.option("--epochs", type=_POSITIVE, default=10, show_default=True)
+@click.option("--gpus", help="0 the CPU, N GPUs, -1 all, '0,1' those. Default: a GPU if any.")
+@click.option("--lr", type=_FLOAT, help="A fixed learning rate. Default: the task's.")
+@click.option("--batch-size", type=_POSITIVE, help="A fixed batch size. Default: the task's.")
+@click.option("--seed", type=_int(0, 2**32 - 1), help="Every trial's seed. Default: drawn each.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A fixed setting.")
+@click.option("--monitor", help="The value to optimise, a history key. Default: the task's.")
+@click.option("--mode", type=click.Choice(["min", "max"]), help="Default: the task's.")
+@click.option(
+    "--pruner",
+    type=click.Choice(["none", "median", "hyperband"]),
+    default="median",
+    show_default=True,
+)
+@click.option(
+    "--startup-trials",
+    type=_int(minimum=0),
+    default=5,
+    show_default=True,
+    help="Trials that complete before the median pruner prunes.",
+)
+@click.option("--study", help="Optuna study name. Default: TARGET.")
+@click.option("--storage", help="Optuna storage URL. Default: sqlite:///sweep.db by mlflow.db.")
+@click.option("--experiment-name", help="MLflow experiment. Default: MLflow's.")
+@click.option("--run-name", help="The sweep's run name. Default: MLflow picks one.")
+@click.option(
+    "--registered-model-name", help="Register the champion so. Default: the experiment's."
+)
+@click.option("--register-trials", is_flag=True, help="Register every trial's net too.")
+@click.option("--tracking-uri", help=_TRACKING_URI_HELP)
+@click.option(
+    "--heartbeat",
+    type=_POSITIVE,
+    default=10,
+    show_default=True,
+    help="Seconds; a trial silent for twice this is taken as killed and run again.",
+)
+def sweep(
+    target: str,
+    trials: int,
+    jobs: int,
+    space: tuple[str, ...],
+    epochs: int,
+    gpus: str | None,
+    lr: float | None,
+    batch_size: int | None,
+    seed: int | None,
+    params: tuple[str, ...],
+    monitor: str | None,
+    mode: Literal["min", "max"] | None,
+    pruner: str,
+    startup_trials: int,
+    study: str | None,
+    storage: str | None,
+    experiment_name: str | None,
+    run_name: str | None,
+    registered_model_name: str | None,
+    register_trials: bool,
+    tracking_uri: str | None,
+    heartbeat: int,
+) -> None:
+    """Search the hyperparameters of the task TARGET with Optuna; every trial a tracked run.
+
+    \b
+    lkflow sweep examples/rings.py:task --trials 20 --jobs 2 \\
+        --space 'lr=loguniform(1e-4,1e-1)' --space 'hidden=int(4,64,log)'
+
+    The task reads the values as lkflow train's options: options.lr, options.batch_size,
+    options.param(KEY, default). One MLflow run for the sweep, a child run per trial, the
+    best trial's net registered with the alias champion. The same command continues a
+    stopped sweep, and on other machines (a shared --storage) adds to the same study.
+    """
+    from lkflow.sweep import SweepSettings, run_sweep
+    from lkflow.tasks import TaskOptions, parse_params
+
+    options = TaskOptions(lr=lr, batch_size=batch_size, seed=seed, params=parse_params(params))
+    settings = SweepSettings(
+        target=target,
+        trials=trials,
+        space=space,
+        jobs=jobs,
+        epochs=epochs,
+        gpus=gpus,
+        options=options,
+        monitor=monitor,
+        mode=mode,
+        pruner=pruner,
+        startup_trials=startup_trials,
+        study=study,
+        storage=storage,
+        experiment_name=experiment_name,
+        run_name=run_name,
+        registered_model_name=registered_model_name,
+        register_trials=register_trials,
+        tracking_uri=tracking_uri,
+        heartbeat_s=heartbeat,
+    )
+    result = run_sweep(settings)
+    counts = f"{result.complete} complete, {result.pruned} pruned, {result.failed} failed"
+    click.echo(f"Sweep {result.study!r}: {counts}; MLflow run {result.parent_run_id}")
+    if result.best_trial is not None:
+        shown = ", ".join(f"{key}={value}" for key, value in result.best_params.items())
+        click.echo(
+            f"Best: trial {result.best_trial} (run {result.best_run_id}), "
+            f"{result.best_value:.6g} with {shown}"
+        )
+    if result.champion is not None:
+        name = result.champion.split("/")[0]
+        click.echo(f"Registered {result.champion}, alias champion: lkflow serve {name}@champion")
 
 
 # ---- tracking store -----------------------------------------------------------------------

@@ -41,7 +41,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
@@ -51,9 +51,11 @@ from lkflow.numbers import parse_float, parse_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from pytorch_lightning.callbacks import Callback
     from torch.utils.data import DataLoader
 
     from lkflow.model import LightModel
+    from lkflow.tracking import MLflowCallback
 
 _T = TypeVar("_T", str, int, float, bool)
 
@@ -318,22 +320,68 @@ def run_task(
     Example:
         >>> task = run_task("examples/rings.py:task", TaskOptions(), epochs=2)  # doctest: +SKIP
     """
-    import pytorch_lightning as pl
-
     from lkflow.tracking import MLflowCallback
 
     function = load_task(target)
-    pl.seed_everything(_draw_seed() if options.seed is None else options.seed, verbose=False)
-    task = build_task(function, options, target)
     tracker = MLflowCallback(
         experiment_name=experiment_name,
         run_name=run_name,
         registered_model_name=registered_model_name,
         tracking_uri=tracking_uri,
-        params={"task": target, **{f"task.{k}": v for k, v in options.params.items()}},
+        params=task_params(target, options),
     )
+    return fit_task(function, target, options, tracker, epochs=epochs, gpus=gpus)
+
+
+def task_params(target: str, options: TaskOptions) -> dict[str, str]:
+    """The params a task's run logs besides the fit's own: the target, each param as
+    `task.<key>`.
+
+    Example:
+        >>> task_params("examples/rings.py:task", TaskOptions(params={"hidden": "32"}))
+        {'task': 'examples/rings.py:task', 'task.hidden': '32'}
+    """
+    return {"task": target, **{f"task.{key}": value for key, value in options.params.items()}}
+
+
+def fit_task(
+    function: Callable[[TaskOptions], Task],
+    target: str,
+    options: TaskOptions,
+    tracker: MLflowCallback,
+    *,
+    epochs: int = 10,
+    gpus: str | int | None = None,
+    callbacks: Sequence[Callback] = (),
+    **fit_kwargs: Any,
+) -> Task:
+    """Seeds, builds the task, fits it into `tracker`'s run, and logs its report there.
+
+    Args:
+        function: What `load_task` returned.
+        target: The target's text, for messages.
+        options: What the task receives; `options.seed` (else a drawn seed) seeds first.
+        tracker: The fit's MLflow callback.
+        epochs: Epochs to train. Defaults to 10.
+        gpus: As in `LightModel.fit`. Defaults to None (a GPU when there is one).
+        callbacks: Lightning callbacks added to the task's own. Defaults to ().
+        **fit_kwargs: `LightModel.fit` arguments that replace the task's (`monitor`, `mode`,
+            `ckpt_dir`, `verbose`).
+
+    Returns:
+        The fitted task.
+
+    Example:
+        >>> fit_task(load_task(target), target, TaskOptions(), MLflowCallback())  # doctest: +SKIP
+    """
+    import pytorch_lightning as pl
+
+    pl.seed_everything(_draw_seed() if options.seed is None else options.seed, verbose=False)
+    task = build_task(function, options, target)
+    settings = {**task.fit_kwargs, **fit_kwargs}
+    settings["callbacks"] = [*task.fit_kwargs.get("callbacks", ()), *callbacks]
     task.model.fit(
-        task.train_data, task.val_data, epochs=epochs, gpus=gpus, track=tracker, **task.fit_kwargs
+        task.train_data, task.val_data, epochs=epochs, gpus=gpus, track=tracker, **settings
     )
     if task.report is not None:
         tracker.log_figures(task.report(task.model))

@@ -424,3 +424,108 @@ def _transaction(database: str) -> Iterator[Any]:
 
     with psycopg.connect(database) as connection, connection.cursor() as cursor:
         yield cursor  # committed when the block ends well
+
+
+# ---- sweeps ------------------------------------------------------------------------------
+
+# The rings task with hooks for the sweep tests, at a trial's first batch: SWEEP_BARRIER=N
+# holds each process's first trial until N processes have started one; SWEEP_STALL stalls the
+# trial (for a kill); a file `interrupt` raises KeyboardInterrupt, as Ctrl-C would; a file
+# `fail` makes the task itself raise in trials.
+HOOKED_TASK = f"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, {str(ROOT / "examples")!r})
+from rings import task as rings_task
+
+
+class Hooks(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch != 0 or batch_idx != 0:
+            return
+        mine = Path(f"started-{{os.getpid()}}")
+        first = not mine.exists()
+        mine.touch()
+        wanted = int(os.environ.get("SWEEP_BARRIER", "0"))
+        deadline = time.monotonic() + 120
+        while first and len(list(Path().glob("started-*"))) < wanted:
+            assert time.monotonic() < deadline, "the other process never started a trial"
+            time.sleep(0.1)
+        if os.environ.get("SWEEP_STALL"):
+            Path("stalled").write_text(str(os.getpid()))
+            time.sleep(600)
+        if Path("interrupt").exists():
+            raise KeyboardInterrupt
+
+
+class Noisy(torch.nn.Module):
+    # the net plus noise: its saved model never answers its example with the net's outputs
+
+    def __init__(self, net):
+        super().__init__()
+        self.inner = net
+
+    def forward(self, x):
+        return self.inner(x) + 0.01 * torch.rand(x.shape[0], 1)
+
+
+def task(options):
+    if Path("fail").exists() and options.lr is not None:  # a trial's, not the sweep's first look
+        raise ZeroDivisionError("the task failed on purpose")
+    built = rings_task(options)
+    built.fit_kwargs["callbacks"] = [Hooks()]
+    if Path("unservable").exists():
+        built.model.net = Noisy(built.model.net)
+    return built
+"""
+
+
+def start_sweep(folder: Path, uri: str, *args: str, **env: str) -> subprocess.Popen:
+    """`lkflow sweep ARGS` in a process of its own in `folder`; its output in sweep-N.txt."""
+    log = open(folder / f"sweep-{len(list(folder.glob('sweep-*.txt')))}.txt", "w")  # noqa: SIM115
+    bin_dir = Path(sys.executable).parent
+    return subprocess.Popen(
+        [str(bin_dir / "lkflow"), "sweep", *args, "--tracking-uri", uri],
+        cwd=folder,
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def sweep_ended(process: subprocess.Popen, folder: Path) -> str:
+    """The output of every sweep process in `folder`, once `process` ended well."""
+    process.wait(timeout=300)
+    output = "\n".join(path.read_text() for path in sorted(folder.glob("sweep-*.txt")))
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+@dataclass
+class Sweep:
+    """A sweep's runs as MLflow holds them, and its study as Optuna does."""
+
+    client: MlflowClient
+    parent: Any  # mlflow.entities.Run
+    children: list[Any]  # by trial number
+    study: Any  # optuna.Study
+
+
+def sweep_of(uri: str, storage: str, study: str) -> Sweep:
+    """The sweep of `study`: its one parent run and its trials' runs in the store at `uri`."""
+    import optuna
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    children.sort(key=lambda run: int(run.data.tags["lkflow.sweep.trial"]))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return Sweep(client, parent, children, optuna.load_study(study_name=study, storage=storage))

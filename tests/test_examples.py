@@ -56,6 +56,14 @@ def test_rings_task_takes_lr_and_batch_size_or_the_articles() -> None:
     assert list(default.report(default.model)) == ["predictions.png"]
 
 
+def test_rings_task_takes_the_nets_width_and_the_rows_a_sweep_samples() -> None:
+    rings = _example("rings")
+    task = rings.task(TaskOptions(params={"hidden": "32", "rows": "400"}))
+    assert (len(task.train_data.dataset), len(task.val_data.dataset)) == (280, 120)
+    assert (task.model.net.fc1.out_features, task.model.net.fc2.out_features) == (16, 32)
+    assert rings.Net().fc2.out_features == 12  # the article's net by default
+
+
 def test_digits_task_and_its_confusion_matrix_report() -> None:
     digits = _example("digits")
     task = digits.task(TaskOptions(params={"channels": "4"}))

@@ -32,21 +32,23 @@ def _yaml(name: str) -> dict:
     return yaml.safe_load((ROOT / name).read_text())
 
 
-def test_conda_env_names_the_dependencies_of_pyproject() -> None:
+def test_conda_env_names_the_dependencies_of_pyproject_and_its_sweep_extra() -> None:
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+")
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     conda = _yaml("conda.yaml")["dependencies"]
     pip = next(item["pip"] for item in conda if isinstance(item, dict))
-    assert pip == [*dependencies, "scikit-learn>=1.3"]  # and what examples/digits.py needs
+    sweep = project["optional-dependencies"]["sweep"]  # for the sweep entry point
+    assert pip == [*project["dependencies"], "scikit-learn>=1.3", *sweep]  # the digits' too
     assert "python=3.11" in conda and "pip" in conda
 
 
 def test_ci_tests_the_lower_bounds_that_pyproject_allows() -> None:
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+")
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dependencies = project["dependencies"] + project["optional-dependencies"]["sweep"]
     floors = dict(re.findall(r"^([\w-]+)>=([\d.]+)", "\n".join(dependencies), re.M))
     pinned = dict(re.findall(r"([\w-]+)==([\d.]+)", (ROOT / ".ci" / "run").read_text()))
-    for name in ("pytorch-lightning", "mlflow", "torchmetrics"):
+    for name in ("pytorch-lightning", "mlflow", "torchmetrics", "optuna"):
         assert pinned[name] == floors[name] + ".0" * (2 - floors[name].count(".")), name
 
 
@@ -64,13 +66,40 @@ def test_entry_points_take_typed_params_and_run_the_checkouts_examples() -> None
         "seed": 123,
         "registered_model_name": "rings-net",
     }
-    assert list(project["entry_points"]) == ["main", "digits", "tabular"]
+    assert list(project["entry_points"]) == ["main", "digits", "tabular", "sweep"]
     for name, example in (("main", "rings"), ("digits", "digits"), ("tabular", "tabular")):
         entry = project["entry_points"][name]
         command = " ".join(entry["command"].split())
         assert command.startswith(f"python -m lkflow train examples/{example}.py:task --epochs")
         assert set(re.findall(r"{(\w+)}", command)) == set(entry["parameters"]) == set(ENTRY_PARAMS)
         assert (ROOT / "examples" / f"{example}.py").is_file()
+
+
+def test_the_sweep_entry_point_sweeps_the_rings_task_with_typed_params() -> None:
+    sweep = _yaml("MLproject")["entry_points"]["sweep"]
+    types = {key: spec["type"] for key, spec in sweep["parameters"].items()}
+    assert types == {
+        "trials": "int",
+        "jobs": "int",
+        "epochs": "int",
+        "pruner": "string",
+        "gpus": "string",
+        "registered_model_name": "string",
+    }
+    command = " ".join(sweep["command"].split())
+    assert command.startswith("python -m lkflow sweep examples/rings.py:task --trials {trials}")
+    assert set(re.findall(r"{(\w+)}", command)) == set(types)
+    assert "--space" not in command  # the task file's space(trial)
+    assert callable(getattr(_rings_module(), "space", None))
+
+
+def _rings_module() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlproject_rings", ROOT / "examples" / "rings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -120,8 +120,9 @@ class MLflowCallback(pl.Callback):
     The module is an lkflow.LightModel or any LightningModule, such as one that logs with
     `self.log` and is checkpointed by the Trainer's own `ModelCheckpoint`. Arguments are kept
     as passed; what they resolve to during the fit lives in attributes with a trailing
-    underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`, `model_version_`,
-    `trainer_`.
+    underscore: `client_`, `run_id_`, `experiment_id_`, `model_uri_`, `model_servable_`
+    (whether that model answered its input example, so that it may be registered),
+    `model_version_`, `trainer_`.
 
     Args:
         experiment_name: Experiment of a new run. Defaults to None (`MLFLOW_EXPERIMENT_NAME`,
@@ -203,6 +204,7 @@ class MLflowCallback(pl.Callback):
         self.run_id_: str | None = None
         self.experiment_id_: str | None = None
         self.model_uri_: str | None = None
+        self.model_servable_ = False
         self.model_version_: ModelVersion | None = None
         self.trainer_: pl.Trainer | None = None  # the Trainer of the fit under way
         self._uri_when_made = tracking_uri_as_set()
@@ -249,6 +251,7 @@ class MLflowCallback(pl.Callback):
         self._restored = {}
         self.client_ = tracking_client(uri)
         self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None
+        self.model_servable_ = False
         self.trainer_ = trainer
 
     @override
@@ -446,6 +449,7 @@ class MLflowCallback(pl.Callback):
                 model_id = None if model is None else writer.send(model)
             logged = model is not None
             self.model_uri_ = None if model_id is None else f"models:/{model_id}"
+            self.model_servable_ = logged and servable
             name = registered_name(
                 self.registered_model_name, self.log_model, run.experiment_name, type(net).__name__
             )

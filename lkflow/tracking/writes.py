@@ -238,7 +238,17 @@ def _inputs(client: MlflowClient, run_id: str, write: InputsWrite) -> None:
         )
         for data in write["datasets"]
     ]
-    client.log_inputs(run_id, datasets=inputs)  # MLflow links a dataset to a run once
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_inputs(run_id, datasets=inputs)  # MLflow links a dataset to a run once
+    except MlflowException as err:
+        if is_unreachable(err):
+            raise
+        # Fits that log the same dataset into one experiment at once race in MLflow's store:
+        # each looks the dataset up, then inserts it, and the second insert breaks a UNIQUE
+        # constraint. The dataset is there now, and logging again links it.
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def _artifacts(client: MlflowClient, run_id: str, write: ArtifactsWrite) -> None:
