@@ -12,7 +12,10 @@ lightning_lean_ckpt  the lean module plus a best-``val_loss`` ``ModelCheckpoint`
 lkflow_untracked     ``lkflow.LightModel(...).fit(track=False)``
 lightning_mlflow     idiomatic module + ``MLFlowLogger(log_model=True)`` + ``ModelCheckpoint``
 autolog              idiomatic module under ``mlflow.pytorch.autolog()``
-lkflow_tracked       ``fit(track=True)``: params, metrics, artifacts and a registered model
+lkflow_tracked       ``fit(track=True)``: params, metrics, artifacts and a registered model, and
+                     system metrics sampled every 10 s (the default)
+lkflow_tracked_no_system_metrics    the same with ``system_metrics=False``
+lkflow_tracked_system_metrics_1s    the same sampling system metrics every second
 ==================== =====================================================================
 
 Contenders that use MLflow write to ``sqlite:///<cwd>/mlflow.db``; the benchmark runs each
@@ -250,17 +253,29 @@ def autolog(w: Workload) -> None:
 
 def lkflow_tracked(w: Workload) -> None:
     """lkflow ``fit(track=True)``: params, metrics, artifacts and a registered model."""
-    _light_model(w).fit(
-        w.dl_train,
-        w.dl_valid,
-        epochs=w.epochs,
-        gpus=0,
-        verbose=0,
-        track=True,
+    _lkflow_tracked(w)
+
+
+def lkflow_tracked_no_system_metrics(w: Workload) -> None:
+    """``lkflow_tracked`` without sampling system metrics."""
+    _lkflow_tracked(w, system_metrics=False)
+
+
+def lkflow_tracked_system_metrics_1s(w: Workload) -> None:
+    """``lkflow_tracked`` sampling system metrics every second, ten times the default."""
+    _lkflow_tracked(w, system_metrics_interval=1.0)
+
+
+def _lkflow_tracked(w: Workload, **settings: Any) -> None:
+    from lkflow.tracking import MLflowCallback
+
+    tracker = MLflowCallback(
         experiment_name=EXPERIMENT,
         registered_model_name=REGISTERED_MODEL,
         tracking_uri=_tracking_uri(),
+        **settings,
     )
+    _light_model(w).fit(w.dl_train, w.dl_valid, epochs=w.epochs, gpus=0, verbose=0, track=tracker)
 
 
 CONTENDERS: dict[str, Callable[[Workload], None]] = {
@@ -272,6 +287,8 @@ CONTENDERS: dict[str, Callable[[Workload], None]] = {
     "lightning_mlflow": lightning_mlflow,
     "autolog": autolog,
     "lkflow_tracked": lkflow_tracked,
+    "lkflow_tracked_no_system_metrics": lkflow_tracked_no_system_metrics,
+    "lkflow_tracked_system_metrics_1s": lkflow_tracked_system_metrics_1s,
 }
 
 PRELOAD: dict[str, tuple[str, ...]] = {
@@ -283,4 +300,6 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "lightning_mlflow": _MLFLOW,
     "autolog": _MLFLOW,
     "lkflow_tracked": (*_MLFLOW, *_LKFLOW, "lkflow.tracking", "torch.export"),
+    "lkflow_tracked_no_system_metrics": (*_MLFLOW, *_LKFLOW, "lkflow.tracking", "torch.export"),
+    "lkflow_tracked_system_metrics_1s": (*_MLFLOW, *_LKFLOW, "lkflow.tracking", "torch.export"),
 }

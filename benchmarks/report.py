@@ -32,6 +32,19 @@ TIME_TARGETS = (
     ),
     ("lkflow tracked / Lightning + MLFlowLogger", "lkflow_tracked", "lightning_mlflow", 1.0),
     ("lkflow tracked / autolog", "lkflow_tracked", "autolog", 0.6),
+    # System metrics sampled in a thread cost the fit nothing it would notice.
+    (
+        "lkflow tracked / tracked without system metrics",
+        "lkflow_tracked",
+        "lkflow_tracked_no_system_metrics",
+        1.03,
+    ),
+    (  # not a target: ten times the default rate, for the cost of a sample
+        "lkflow tracked, system metrics every 1 s / without",
+        "lkflow_tracked_system_metrics_1s",
+        "lkflow_tracked_no_system_metrics",
+        None,
+    ),
     # Not a target: lkflow against the Lightning that keeps the same best checkpoint.
     (
         "lkflow untracked / Lightning lean + checkpoint",

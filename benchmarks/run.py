@@ -61,6 +61,8 @@ CONTENDERS = (
     "lightning_mlflow",
     "autolog",
     "lkflow_tracked",
+    "lkflow_tracked_no_system_metrics",
+    "lkflow_tracked_system_metrics_1s",
 )
 # `import lkflow` is lazy; `lkflow.model` is what `lkflow.LightModel` loads, so the target uses it.
 IMPORTS = ("torch", "pytorch_lightning", "lkflow", "lkflow.model")

@@ -151,7 +151,7 @@ def train(
     tracking_uri = tracking_uri or get_tracking_uri()
     check_reachable(tracking_uri)
     options = TaskOptions(lr=lr, batch_size=batch_size, seed=seed, params=parse_params(params))
-    task = run_task(
+    run_task(
         target,
         options,
         epochs=epochs,
@@ -161,7 +161,7 @@ def train(
         registered_model_name=registered_model_name,
         tracking_uri=tracking_uri,
     )
-    click.echo(f"MLflow run {task.model.run_id}; list runs with: lkflow runs")
+    click.echo("Compare runs with: lkflow runs")  # the fit said which run, experiment and version
 
 
 # ---- sweep --------------------------------------------------------------------------------

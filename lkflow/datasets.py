@@ -1,5 +1,9 @@
 """Small data sets that need no download: the article's two rings, a synthetic table with a
-categorical column, and scikit-learn's digits."""
+categorical column, and scikit-learn's digits.
+
+Each carries its `name` ("rings", "tabular", "digits"), which a tracked fit gives the dataset
+in its MLflow run, also through a `random_split` of it.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def rings(n: int = 4000, seed: int = 0) -> TensorDataset:
     theta = 2 * math.pi * torch.rand(n, 1, generator=generator)
     x = torch.cat([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)
     y = torch.cat([torch.ones(positive, 1), torch.zeros(negative, 1)])
-    return TensorDataset(x, y)
+    return _named(TensorDataset(x, y), "rings")
 
 
 TABULAR_FEATURES = 4
@@ -71,7 +75,7 @@ def tabular(n: int = 4000, seed: int = 0) -> TensorDataset:
     x_cat = torch.randint(0, TABULAR_CATEGORIES, (n,), generator=generator)
     logits = x_num @ weights + effects[x_cat] + 0.5 * torch.randn(n, generator=generator)
     y = (logits > 0).float().unsqueeze(1)
-    return TensorDataset(x_num, x_cat, y)
+    return _named(TensorDataset(x_num, x_cat, y), "tabular")
 
 
 def digits() -> TensorDataset:
@@ -87,4 +91,10 @@ def digits() -> TensorDataset:
 
     images, labels = load_digits(return_X_y=True)
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    return TensorDataset(x, torch.tensor(labels, dtype=torch.int64))
+    return _named(TensorDataset(x, torch.tensor(labels, dtype=torch.int64)), "digits")
+
+
+def _named(dataset: TensorDataset, name: str) -> TensorDataset:
+    """`dataset` with its `name`, as MLflow runs show it (lkflow.tracking.artifacts)."""
+    dataset.name = name  # type: ignore[attr-defined]  # an attribute of this instance
+    return dataset

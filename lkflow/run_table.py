@@ -24,13 +24,15 @@ if TYPE_CHECKING:
 
 _PAGE = 1000  # runs a search request asks for: MLflow's default page
 
-# Params shown by `lkflow runs`, as logged by lkflow (MLflowCallback, `lkflow train`) -> column.
+# Columns of `lkflow runs` -> the params they show, the first a run holds: as lkflow logs them
+# (MLflowCallback, `lkflow train`), then as `mlflow run -P` logs them before the fit starts,
+# which is all a run that failed or stopped before its first batch holds.
 _KEY_PARAMS = {
-    "task": "task",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "optimizer.lr": "lr",
-    "seed": "seed",
+    "task": ("task",),
+    "epochs": ("epochs",),
+    "batch_size": ("batch_size",),
+    "lr": ("optimizer.lr", "lr"),
+    "seed": ("seed",),
 }
 
 
@@ -104,7 +106,10 @@ def runs_frame(found: Sequence[Run], experiment_names: dict[str, str]) -> pd.Dat
         info, data = run.info, run.data
         end_ms = info.end_time or int(time.time() * 1000)
         monitor, best = best_metric(data.metrics)
-        params = {label: data.params.get(key) for key, label in _KEY_PARAMS.items()}
+        params = {
+            column: next((data.params[key] for key in keys if key in data.params), None)
+            for column, keys in _KEY_PARAMS.items()
+        }
         task_params = {k: v for k, v in data.params.items() if k.startswith("task.")}
         rows.append(
             {

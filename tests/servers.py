@@ -138,14 +138,22 @@ def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
         return err.code, json.load(err)
 
 
-def mlflow_server(backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None) -> Server:
-    """`mlflow server` over `backend_uri`, serving artifacts from `artifacts`, on 127.0.0.1,
-    with one worker and without MLflow's job runner."""
+def mlflow_server(
+    backend_uri: str,
+    artifacts: Path,
+    cwd: Path,
+    port: int | None = None,
+    subcommand: str = "server",
+) -> Server:
+    """`mlflow server` (or `mlflow ui`, the same server under its other name) over
+    `backend_uri`, serving artifacts from `artifacts`, on 127.0.0.1, with one worker and
+    without MLflow's job runner."""
     port = port or free_port()
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri]
+    command = [str(BIN / "mlflow"), subcommand, "--backend-store-uri", backend_uri]
     command += ["--artifacts-destination", str(artifacts), "-h", "127.0.0.1", "-p", str(port)]
     # Without MLflow's job runner (7 more processes, for GenAI features that runs don't use)
     env = {**bin_path_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"  # the UI's pages ask for nothing outside
     return Server([*command, "-w", "1"], cwd, f"http://127.0.0.1:{port}/health", env)
 
 

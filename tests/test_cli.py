@@ -71,8 +71,21 @@ def _trained(uri: str, folder: Path) -> str:
                 "--registered-model-name", "rings-cli", "--param", f"note={run}",
             )  # fmt: skip
             assert result.exit_code == 0, result.output
-            assert "Epoch 2/2" in result.output and "MLflow run " in result.output
+            assert "Epoch 2/2" in result.output and "MLflow run " not in result.output
+            _said_where_the_run_is(result.output, run, uri)
     return uri
+
+
+def _said_where_the_run_is(output: str, run: str, uri: str) -> None:
+    """The fit's last two lines, once: the run, its experiment and version, and its page."""
+    version = "1" if run == "run-a" else "2"
+    local = uri.startswith("sqlite:")
+    store = f" in {uri}" if local else ""
+    said = f"Logged run {run} to experiment 'cli'{store}; registered rings-cli version {version}."
+    assert output.count(said) == 1, output
+    base, how = ("http://127.0.0.1:5000", " with `mlflow ui`") if local else (uri, "")
+    page = rf"{re.escape(base)}/#/experiments/\d+/runs/[0-9a-f]{{32}}\?workflowType="
+    assert re.search(rf"\n{re.escape(said)}\nView run {run}{how} at: {page}", output), output
 
 
 # ---- start-up -----------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_lkflow_train_prints_the_run_link_without_the_uris_password(
         assert done.returncode == 0, printed
         (run,) = MlflowClient(url).search_runs(["0"])
     assert "S3cretPW" not in printed and "alice" not in printed
-    link = f"{url}/#/experiments/0/runs/{run.info.run_id}"
+    link = f"{url}/#/experiments/0/runs/{run.info.run_id}?workflowType=machine_learning"
     assert re.search(rf"^View run {run.info.run_name} at: {re.escape(link)}$", printed, re.M)
 
 

@@ -53,3 +53,15 @@ def test_predictions_come_back_on_the_cpu(loaders):
     model = LightModel(Net(), loss_fn=nn.BCEWithLogitsLoss())
     model.fit(*loaders, epochs=1, gpus=1, track=False, verbose=0)
     assert model.predict(loaders[1]).device.type == "cpu"
+
+
+def test_gpu_use_is_among_the_system_metrics(loaders, tracking_uri, monkeypatch):
+    pytest.importorskip("pynvml", reason="needs nvidia-ml-py: pip install 'lkflow[gpu]'")
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    model = LightModel(Net(), loss_fn=nn.BCEWithLogitsLoss())
+    model.fit(*loaders, epochs=2, gpus=1, verbose=0, registered_model_name=False)
+    metrics = MlflowClient(tracking_uri).get_run(model.run_id).data.metrics
+    for key in ("gpu_0_utilization_percentage", "gpu_0_memory_usage_megabytes"):
+        assert f"system/{key}" in metrics, sorted(metrics)

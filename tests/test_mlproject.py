@@ -130,11 +130,15 @@ def _mlflow_run(checkout: Path, tracking_uri: str, *args: str) -> subprocess.Com
 def test_mlflow_run_main_logs_into_one_run_and_registers_the_net(
     checkout: Path, tracking_uri: str
 ) -> None:
-    done = _mlflow_run(checkout, tracking_uri, "-P", "epochs=2")
+    done = _mlflow_run(checkout, tracking_uri, "--experiment-name", "rings", "-P", "epochs=2")
     assert done.returncode == 0, done.stdout + done.stderr
     client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs(["0"])
+    experiment = client.get_experiment_by_name("rings")  # MLflow made it; the fit tagged it
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
+    said = f"Logged run {run.info.run_name} to experiment 'rings' in {tracking_uri}; "
+    assert f"\n{said}registered rings-net version 1.\n" in done.stdout
     params = run.data.params
     expected = {"epochs": "2", "gpus": "0", "lr": "0.01", "batch_size": "100", "seed": "123"}
     assert {key: params[key] for key in expected} == expected

@@ -2,7 +2,7 @@
 
     with fit_files(history, net, summary_text(net, example)) as write:
         writer.send(write)  # net/state_dict.pt, history.csv, curves.png, summary.txt
-    writer.send(datasets_write(trainer))  # the training and validation sets: rows, digest
+    writer.send(datasets_write(trainer))  # the training and validation sets: name, rows, digest
 
 Nothing here talks to MLflow's tracking server; `MLflowCallback` sends what these functions
 write (lkflow/tracking/writes.py). The servable model is lkflow/tracking/export.py's.
@@ -31,11 +31,20 @@ if TYPE_CHECKING:
     from lkflow.tracking.writes import ArtifactsWrite, DatasetRecord, InputRecord, InputsWrite
 
 _DIGEST_ROWS = 16  # rows hashed for a dataset's digest
+# What a dataset was to the fit (MLflow's `mlflow.data.context` input tag).
+TRAINING, VALIDATION = "training", "validation"
 
 
 def dataset_record(dataset: Any) -> DatasetRecord | None:
-    """The fields of an MLflow Dataset of a map-style dataset: its rows and a digest of a
-    sample of them; None for a dataset without length or indexing."""
+    """The fields of an MLflow Dataset of a map-style dataset: its name (`dataset_name`), its
+    rows and a digest of a sample of them; None for a dataset without length or indexing.
+
+    Example:
+        >>> from lkflow.datasets import rings
+        >>> record = dataset_record(rings(10))
+        >>> record["name"], record["profile"]
+        ('rings', '{"num_rows": 10}')
+    """
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         return None
     rows = len(dataset)
@@ -44,12 +53,36 @@ def dataset_record(dataset: Any) -> DatasetRecord | None:
         for item in _leaves(dataset[index]):
             digest.update(item)
     return {
-        "name": type(dataset).__name__,
+        "name": dataset_name(dataset),
         "digest": digest.hexdigest()[:12],
         "source_type": "code",
         "source": json.dumps({"tags": {}}),
         "profile": json.dumps({"num_rows": rows}),
     }
+
+
+def dataset_name(dataset: Any) -> str:
+    """What a dataset is called in the run: its own `name` attribute (lkflow.datasets' sets
+    have one; set `dataset.name = "..."` on yours), else that of the data a `Subset` (as
+    `random_split` makes) or a `ConcatDataset` is made of, else its class name.
+
+    Example:
+        >>> from torch.utils.data import random_split
+        >>> from lkflow.datasets import rings
+        >>> train, valid = random_split(rings(10), [7, 3])
+        >>> dataset_name(train), dataset_name(torch.utils.data.ConcatDataset([train, valid]))
+        ('rings', 'rings')
+    """
+    from torch.utils.data import ConcatDataset, Subset
+
+    own = getattr(dataset, "name", None)
+    if isinstance(own, str) and own.strip():
+        return own.strip()
+    if isinstance(dataset, Subset):
+        return dataset_name(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return "+".join(dict.fromkeys(dataset_name(part) for part in dataset.datasets))
+    return type(dataset).__name__
 
 
 def _leaves(item: Any) -> Iterator[bytes]:
@@ -103,8 +136,9 @@ def _missing(file: str, what: str) -> Iterator[list[str]]:
 
 
 def datasets_write(trainer: pl.Trainer) -> InputsWrite | None:
-    """The fit's training and validation sets; None when neither is a map-style dataset."""
-    loaders = {"training": trainer.train_dataloader, "validation": trainer.val_dataloaders}
+    """The fit's training and validation sets, by their `CONTEXTS`; None when neither is a
+    map-style dataset."""
+    loaders = {TRAINING: trainer.train_dataloader, VALIDATION: trainer.val_dataloaders}
     datasets: list[InputRecord] = [
         {**dataset, "context": context}
         for context, loader in loaders.items()

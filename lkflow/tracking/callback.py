@@ -23,6 +23,8 @@ The module is an lkflow.LightModel or any LightningModule. What one fit logs, al
   weights, exported with torch.export by its layout (a pickle with the net's code where export
   fails), linked to the run, and registered with tags once it answers its input example (a
   few rows of the first batch's inputs, example.py).
+- system metrics (CPU, memory, disk, network, GPUs with nvidia-ml-py) from the run's opening
+  to the fit's end, sampled by MLflow's monitor in a thread (system_metrics.py).
 
 A run that is already open (`with mlflow.start_run()`, `MLFLOW_RUN_ID` as `mlflow run` sets
 it, or `run_id=` of a running run) is logged into and left open; otherwise the callback opens
@@ -48,7 +50,7 @@ lock) until it has written the run's end: a `lkflow sync` meanwhile leaves it al
 The hooks below only say when; what is done lives beside this file: the run in run.py, the
 writes in writes.py, the epoch rows in rows.py, the metrics in metrics.py, the files in
 artifacts.py, the input example in example.py, the model in export.py, its registration in
-registry.py.
+registry.py, the system metrics in system_metrics.py.
 """
 
 from __future__ import annotations
@@ -96,6 +98,11 @@ from lkflow.tracking.store import (
     check_tracking_uri,
     tracking_client,
     tracking_uri_as_set,
+)
+from lkflow.tracking.system_metrics import (
+    SystemMetrics,
+    system_metrics_interval,
+    system_metrics_on,
 )
 from lkflow.tracking.writes import Writer
 
@@ -148,6 +155,11 @@ class MLflowCallback(pl.Callback):
             the global step, as Lightning hands it to its loggers every
             `log_every_n_steps`. Defaults to True (`self.log` in `training_step` logs per step
             unless told `on_epoch=True`); epoch values are logged at `step=epoch` either way.
+        system_metrics: Sample CPU, memory, disk, network and GPU use into the run while it
+            is open. Defaults to None: on, unless `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` is
+            false.
+        system_metrics_interval: Seconds between samples. Defaults to None:
+            `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`, else 10.
 
     Example:
         >>> tracker = MLflowCallback(experiment_name="rings", registered_model_name="rings-net")
@@ -171,6 +183,8 @@ class MLflowCallback(pl.Callback):
         net: str | None = None,
         example_input: Callable[[Any], Any] | None = None,
         step_metrics: bool = True,
+        system_metrics: bool | None = None,
+        system_metrics_interval: float | None = None,
     ) -> None:
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -184,6 +198,8 @@ class MLflowCallback(pl.Callback):
         self.net = net
         self.example_input = example_input
         self.step_metrics = step_metrics
+        self.system_metrics = system_metrics
+        self.system_metrics_interval = system_metrics_interval
         self.client_: MlflowClient | None = None
         self.run_id_: str | None = None
         self.experiment_id_: str | None = None
@@ -207,6 +223,8 @@ class MLflowCallback(pl.Callback):
         self._example: Inputs | None = None
         self._example_done = False
         self._outbox_root = Path(self.outbox_dir)
+        self._sampling: float | None = None  # seconds between system metrics samples; None: off
+        self._system: SystemMetrics | None = None  # sampling while the run is open
 
     # ---- Lightning hooks ---------------------------------------------------------------
 
@@ -216,6 +234,8 @@ class MLflowCallback(pl.Callback):
             return
         attribute = served_attribute(pl_module, self.net)  # before any MLflow call
         check_registered_model_name(self.registered_model_name)
+        on = system_metrics_on(self.system_metrics)
+        sampling = system_metrics_interval(self.system_metrics_interval) if on else None
         from mlflow import get_tracking_uri
 
         uri = self.tracking_uri or beside_mlflow_logger(trainer, self._uri_when_made)
@@ -227,6 +247,7 @@ class MLflowCallback(pl.Callback):
         self._forward = has_forward(pl_module, attribute)
         self._source = rows_source(trainer, pl_module)
         self._outbox_root = Path(self.outbox_dir).resolve()
+        self._sampling = sampling
         self._restored = {}
         self.client_ = tracking_client(uri)
         self.run_id_ = self.experiment_id_ = self.model_uri_ = self.model_version_ = None
@@ -268,6 +289,7 @@ class MLflowCallback(pl.Callback):
         resumed = self._restored.get("run_id") == self.run_id_
         log_params(self._writer, self._found, prepared, resumed)
         datasets = datasets_write(trainer)
+        self._rows.link_datasets(datasets)
         if datasets is not None:
             self._writer.send(datasets)
 
@@ -319,6 +341,7 @@ class MLflowCallback(pl.Callback):
         writer, run = opened
         self._rows.log(writer, self._source.rows())
         self._log_outputs(writer, run, trainer, pl_module)
+        self._stop_system_metrics(writer)
         clear_error(writer, run)
         end_run(writer, run, "FINISHED")
 
@@ -339,6 +362,7 @@ class MLflowCallback(pl.Callback):
                 writer.send(checkpoints)
         with _carry_on("log the error of the failed fit"):
             log_error(writer, exception)
+        self._stop_system_metrics(writer)
         with _carry_on(f"end run {run.run_id} {status}"):
             end_run(writer, run, status)
 
@@ -375,7 +399,16 @@ class MLflowCallback(pl.Callback):
             )
             self.run_id_, self.experiment_id_ = run.run_id, run.experiment_id
             writer.open(run)
+            if self._sampling is not None and writer.outbox is None:
+                resumed = found.run is not None  # its steps go on from the last
+                self._system = SystemMetrics.start(run.client, run.run_id, self._sampling, resumed)
         return (writer, writer.run) if writer.run is not None else None
+
+    def _stop_system_metrics(self, writer: Writer) -> None:
+        """Stops sampling before the run ends, without waiting on a server gone away."""
+        if self._system is not None:
+            self._system.stop(server_answers=writer.outbox is None)
+            self._system = None
 
     def log_figures(self, figures: Mapping[str, Figure], artifact_path: str = "report") -> None:
         """Figures as PNG files in the run of the last fit, under `artifact_path`.
@@ -422,7 +455,7 @@ class MLflowCallback(pl.Callback):
             )
             if name is not None and servable:
                 key = self._rows.key_of(best.monitor)
-                version = registration(name, best, run.run_id, table, key)
+                version = registration(name, best, run.run_id, table, key, type(net).__name__)
                 self.model_version_ = writer.send(version)
         self._rows.log_best(writer, best, rows, to_model=logged)
 

@@ -3,21 +3,28 @@
     rows = MetricRows()
     rows.hold(client, run_id, outbox_root, history)  # a resumed fit: the steps its run holds
     rows.log(writer, pl_module.history)  # the rows since the last call, in one write
+    rows.link_datasets(datasets_write(trainer))  # the data the model's metrics are computed on
     rows.log_best(writer, best, pl_module.history, to_model=True)  # best_<monitor>, best_epoch
 
 History keys become MLflow-safe metric names (`lkflow.tracking.params.sanitize_keys`, one
 warning listing every rename); the names and the time each step was logged are kept, so that
 the best epoch's row can be linked to the logged model with the same values and times. A
 resumed fit first reads which steps its run holds, and logs only the rows of the others.
+
+The metrics linked to the model name the dataset they are computed on, as MLflow's UI shows
+them on the model's page: `val_*` or `val/*` (and `best_val_*`) the validation set, the other
+epoch values the training set; `lr` and `best_epoch` none.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lkflow.tracking.artifacts import TRAINING, VALIDATION
 from lkflow.tracking.outbox import Outbox
 from lkflow.tracking.params import sanitize_key, sanitize_keys
 from lkflow.tracking.registry import BEST_EPOCH_METRIC, BEST_PREFIX
@@ -27,7 +34,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from lkflow.tracking.registry import Best
-    from lkflow.tracking.writes import Point, Writer
+    from lkflow.tracking.writes import InputsWrite, Point, Writer
 
 
 class MetricRows:
@@ -38,6 +45,12 @@ class MetricRows:
         self.n_logged = 0  # the rows of the history logged so far
         self.names: dict[str, str] = {}  # history key -> its MLflow name
         self.logged_at: dict[int, int] = {}  # step -> the time its row was logged, in ms
+        self.datasets: dict[str, list[str]] = {}  # context -> the dataset's [name, digest]
+
+    def link_datasets(self, write: InputsWrite | None) -> None:
+        """Takes the fit's datasets, which the metrics linked to the model name."""
+        records = [] if write is None else write["datasets"]
+        self.datasets = {data["context"]: [data["name"], data["digest"]] for data in records}
 
     def log(self, writer: Writer, history: Sequence[Mapping[str, Any]]) -> None:
         """History rows not logged yet: one batched write, each row at `step=epoch`, except
@@ -128,5 +141,32 @@ class MetricRows:
                 for key, value in rows[-1].items()
                 if key != "epoch"
             ]
-        if values:
-            writer.send({"op": "batch", "metrics": values, "to_model": to_model})
+        if not values:
+            return
+        if not to_model:
+            writer.send({"op": "batch", "metrics": values, "to_model": False})
+            return
+        contexts = {name: _context(name) for name, _, _, _ in values}
+        datasets = {
+            name: self.datasets[context]
+            for name, context in contexts.items()
+            if context is not None and context in self.datasets
+        }
+        writer.send({"op": "batch", "metrics": values, "to_model": True, "datasets": datasets})
+
+
+def _context(name: str) -> str | None:
+    """The data a logged value is computed on: `val_*` (`val/*`, `valid_*`, `validation_*`)
+    and their `best_*` the validation set, `lr` and `best_epoch` none, any other the training
+    set.
+
+    Example:
+        >>> [_context(name) for name in ("val_loss", "best_val/acc", "loss", "lr", "best_epoch")]
+        ['validation', 'validation', 'training', None, None]
+    """
+    if name == BEST_EPOCH_METRIC:
+        return None
+    bare = name.removeprefix(BEST_PREFIX)
+    if bare == "lr":
+        return None
+    return VALIDATION if re.match(r"(val|valid|validation)[^a-z0-9]", bare.lower()) else TRAINING

@@ -22,7 +22,9 @@ Each line of the journal is a JSON object with an "op", one of the writes that
 lkflow/tracking/writes.py types; paths are relative to the run's folder:
 
     {"op": "batch", "params": {}, "tags": {}, "metrics": [[key, value, time_ms, step]],
-     "to_model": false}                  log_batch; to_model links the metrics to the model
+     "to_model": false, "datasets": {key: [name, digest]}}
+                                         log_batch; to_model links the metrics to the model,
+                                         datasets those keys to a dataset of the run
     {"op": "inputs", "datasets": [{"name", "digest", "source_type", "source", "profile",
      "context"}]}                        log_inputs
     {"op": "artifacts", "paths": [], "artifact_path": null}   files and folders

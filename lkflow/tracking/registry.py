@@ -37,6 +37,8 @@ MONITOR_TAG = "monitor"  # the monitored key of the best checkpoint, such as "va
 MONITOR_VALUE_TAG = "monitor_value"  # its best value, as repr(float)
 MODE_TAG = "mode"  # "min" or "max": which way the monitored value is better
 BEST_EPOCH_TAG = "best_epoch"  # the epoch of the best checkpoint
+# The logged model's tag naming its registered versions, as MLflow's UI reads it.
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"
 # The run's metrics of the best epoch: `best_<monitor>` and `best_epoch`.
 BEST_PREFIX = "best_"
 BEST_EPOCH_METRIC = f"{BEST_PREFIX}epoch"
@@ -109,24 +111,47 @@ def registered_name(
 
 
 def registration(
-    name: str, best: Best, run_id: str, table: str, monitor: str | None = None
+    name: str, best: Best, run_id: str, table: str, monitor: str | None = None, net_name: str = ""
 ) -> RegisterWrite:
     """The write that registers the run's logged model under `name`, tagged with the best
-    epoch, its layer table as the description; `monitor` is the monitored key as MLflow
-    logged it (`val_f1_macro` for `val_f1/macro`, the name of `best_<monitor>`), defaults to
+    epoch, described by `description`; `monitor` is the monitored key as MLflow logged it
+    (`val_f1_macro` for `val_f1/macro`, the name of `best_<monitor>`), defaults to
     `best.monitor`."""
+    monitor = monitor or best.monitor
     tags = {RUN_ID_TAG: run_id}
     if best.score is not None:
         tags.update(
             {
-                MONITOR_TAG: monitor or best.monitor,
+                MONITOR_TAG: monitor,
                 MONITOR_VALUE_TAG: repr(best.score),
                 MODE_TAG: best.mode,
                 BEST_EPOCH_TAG: str(best.epoch),
             }
         )
-    description = f"```\n{table}\n```" if table else None
-    return {"op": "register", "name": name, "tags": tags, "description": description}
+    text = description(net_name, best, monitor, table)
+    return {"op": "register", "name": name, "tags": tags, "description": text}
+
+
+def description(net_name: str, best: Best, monitor: str, table: str) -> str:
+    """A version's description: a first line of at most about 30 characters, which MLflow's
+    versions table shows in its one-line cell; then, on the version's page, what the weights
+    are and the net's layer table as a code block.
+
+    Example:
+        >>> print(description("Net", Best("val_loss", "min", 0.25, 3, None), "val_loss", ""))
+        val_loss 0.2500 at epoch 3
+        <BLANKLINE>
+        Net with the weights of its best epoch by val_loss (min).
+    """
+    net = net_name or "The net"
+    if best.score is None:
+        line = f"{net}, epoch {best.epoch}"
+        detail = f"{net} with the weights of epoch {best.epoch}, the last of its fit."
+    else:
+        line = f"{monitor} {best.score:.4f} at epoch {best.epoch}"
+        detail = f"{net} with the weights of its best epoch by {monitor} ({best.mode})."
+    table_block = ["Layers:", f"```\n{table}\n```"] if table else []
+    return "\n\n".join([line, detail, *table_block])
 
 
 def register(
@@ -140,6 +165,7 @@ def register(
     if maybe_sent:
         for version in client.search_model_versions(f"run_id = '{run_id}'"):
             if version.name == name and version.source == source:
+                link_version(client, state["model_id"], version)
                 return _registered(state, version)
     try:
         client.create_registered_model(name)
@@ -157,7 +183,30 @@ def register(
             description=write["description"],
             model_id=state["model_id"],
         )
+    link_version(client, state["model_id"], version)
     return _registered(state, version)
+
+
+def link_version(client: MlflowClient, model_id: str | None, version: ModelVersion) -> None:
+    """Names `version` in the logged model's `mlflow.modelVersions` tag, once.
+
+    MLflow's UI lists a logged model's registered versions from that tag (as
+    `mlflow.register_model` sets it): without it the model reads "Not registered". A version
+    keeps its `model_id` only in registries that store one; sqlite's does not.
+    """
+    import json
+
+    if model_id is None:
+        return
+    tag = client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG)
+    linked: list[dict[str, Any]] = json.loads(tag) if tag else []
+    entry = {"name": version.name, "version": int(version.version)}  # a string over REST
+    if any(
+        (e.get("name"), str(e.get("version"))) == (version.name, str(version.version))
+        for e in linked
+    ):
+        return
+    client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps([*linked, entry])})
 
 
 def _registered(state: State, version: ModelVersion) -> ModelVersion:

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from lkflow.credentials import hide_credentials
 from lkflow.errors import LkflowError
 from lkflow.tracking.params import same_value, truncate
-from lkflow.tracking.store import bounded_http_retries, run_url
+from lkflow.tracking.store import (
+    UI_ADDRESS,
+    bounded_http_retries,
+    is_http,
+    run_url,
+    ui_command,
+    ui_route,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -38,6 +45,10 @@ if TYPE_CHECKING:
 
     from lkflow.tracking.writes import Writer
 
+# MLflow's experiment kind, and its value for model training (as MLflow's UI sets it).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+_DEFAULT_EXPERIMENT_ID = "0"
 ERROR_TAG = "lkflow.error"  # the type and message of the exception a fit failed with
 PREVIOUS_ERROR_TAG = "lkflow.previous_error"  # that tag, once a later fit of the run finished
 RESUMED_EPOCHS_TAG = "lkflow.resumed_epochs"  # the epochs of a resumed fit that runs longer
@@ -137,6 +148,7 @@ def open_run(
             if owned:  # resumed: open it again, and end it as this fit ends
                 client.update_run(run.info.run_id, status="RUNNING")
             _set_tags(client, run.info.run_id, all_tags)
+        mark_model_training(client, str(run.info.experiment_id))
     return TrackedRun(
         client=client,
         run_id=run.info.run_id,
@@ -207,7 +219,7 @@ def _experiment_id(client: MlflowClient, experiment_name: str | None, create: bo
         if not create:
             return None
         try:
-            return str(client.create_experiment(name))
+            return str(client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}))
         except MlflowException as err:  # created meanwhile by a concurrent fit
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -221,6 +233,17 @@ def _experiment_id(client: MlflowClient, experiment_name: str | None, create: bo
             "or pass another name."
         )
     return str(experiment.experiment_id)
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tags the experiment as one of model training (`mlflow.experimentKind`), so that UIs
+    that read the tag open it on its runs, not on a GenAI overview. Experiments lkflow
+    creates carry it from the start; one that has no kind yet gets it here, except MLflow's
+    "Default", which holds whatever names no experiment. A kind already set is kept."""
+    if experiment_id == _DEFAULT_EXPERIMENT_ID:
+        return
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
 
 def run_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -294,21 +317,40 @@ def clear_error(writer: Writer, run: TrackedRun) -> None:
 
 
 def end_run(writer: Writer, run: TrackedRun, status: str) -> None:
-    """Ends a run this fit opened with `status`, then prints its link; lets go of the outbox."""
+    """Ends a run this fit opened with `status` and lets go of the outbox; then, unless the
+    run's writes wait in the outbox, says where the run is (`print_summary`)."""
     try:
         if run.owned:
             writer.send({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
             run.owned = False
-            if writer.outbox is None:
-                _print_link(run)
     finally:
         writer.release()  # the fit has written all: `lkflow sync` may deliver it
+    if writer.outbox is None:
+        print_summary(run, writer.registered)
 
 
-def _print_link(run: TrackedRun) -> None:
-    """The run's page on a tracking server, as MLflow prints it, without credentials."""
-    url = run_url(run.client.tracking_uri, run.experiment_id, run.run_id)
-    if url is not None:
+def print_summary(run: TrackedRun, registered: str | None) -> None:
+    """What a fit leaves in MLflow, in two lines without credentials: the run, its experiment
+    and the version it registered; then the run's page (on a tracking server, the run's link
+    as MLflow prints it; for a local store, the page `mlflow ui` serves)::
+
+        Logged run calm-owl-12 to experiment 'rings'; registered rings-net version 3.
+        View run calm-owl-12 at: http://mlflow-host:5000/#/experiments/1/runs/3f2a...?workflowType=machine_learning
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri = run.client.tracking_uri
+    try:
         with bounded_http_retries():
             name = run.client.get_run(run.run_id).info.run_name
+    except MlflowException:  # the server went away as the run ended: all is logged
+        name = run.run_id
+    where = "" if is_http(uri) else f" in {hide_credentials(uri)}"
+    done = f"; registered {registered}" if registered else ""
+    print(f"Logged run {name} to experiment {run.experiment_name!r}{where}{done}.", flush=True)
+    url, command = run_url(uri, run.experiment_id, run.run_id), ui_command(uri)
+    if url is not None:
         print(f"View run {name} at: {url}", flush=True)
+    elif command is not None:
+        page = f"{UI_ADDRESS}/{ui_route(run.experiment_id, run.run_id)}"
+        print(f"View run {name} with `{command}` at: {page}", flush=True)

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 CONNECT_TIMEOUT_S = 3.0
+_DEFAULT_STORE_FILE = "mlflow.db"  # the default store of MLflow and `mlflow ui`, here
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 _SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every sqlite database
 # lkflow's requests to a tracking server: retries, backoff factor (waits 0, 2, 4 s), timeout.
 HTTP_RETRIES = {
@@ -59,7 +61,9 @@ def is_http(uri: str) -> bool:
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The run's page in the UI of an http(s) tracking server, without the URI's credentials.
+    """The run's page in the UI of an http(s) tracking server, without the URI's credentials,
+    in MLflow's model-training view (`workflowType=machine_learning`: the runs and models,
+    not the GenAI overview that MLflow 3.17's UI opens on otherwise).
 
     Args:
         uri: The tracking URI.
@@ -71,14 +75,41 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
 
     Example:
         >>> run_url("http://alice:pw@127.0.0.1:5000/", "1", "ab12")
-        'http://127.0.0.1:5000/#/experiments/1/runs/ab12'
+        'http://127.0.0.1:5000/#/experiments/1/runs/ab12?workflowType=machine_learning'
     """
     if not is_http(uri):
         return None
     parsed = urlparse(uri)
     host = parsed.netloc.rpartition("@")[2]
     base = parsed._replace(netloc=host, query="", fragment="").geturl().rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/{ui_route(experiment_id, run_id)}"
+
+
+def ui_route(experiment_id: str, run_id: str) -> str:
+    """The part of a run's UI link after the server's address.
+
+    Example:
+        >>> ui_route("1", "ab12")
+        '#/experiments/1/runs/ab12?workflowType=machine_learning'
+    """
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def ui_command(uri: str) -> str | None:
+    """The `mlflow ui` command that shows a local store, credentials hidden: plain `mlflow ui`
+    for `mlflow.db` in the working folder (its default store); None for a tracking server (its
+    UI is at its own address) or a store `mlflow ui` cannot open.
+
+    Example:
+        >>> ui_command("sqlite:///mlflow.db"), ui_command("sqlite:////tmp/runs.db")
+        ('mlflow ui', 'mlflow ui --backend-store-uri sqlite:////tmp/runs.db')
+    """
+    scheme = urlparse(uri).scheme.lower()
+    if scheme != "sqlite" and scheme.partition("+")[0] not in _DATABASES:
+        return None
+    if sqlite_path(uri) == Path(_DEFAULT_STORE_FILE).resolve():
+        return "mlflow ui"
+    return f"mlflow ui --backend-store-uri {hide_credentials(uri)}"
 
 
 def check_reachable(uri: str) -> None:

@@ -41,13 +41,15 @@ _METRICS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 
 
 class BatchWrite(TypedDict):
-    """Params, tags and metric points (`log_batch`); `to_model` links the points to the model."""
+    """Params, tags and metric points (`log_batch`); `to_model` links the points to the model,
+    and `datasets` those of a metric key to a dataset of the run: key -> [name, digest]."""
 
     op: Literal["batch"]
     params: NotRequired[dict[str, str]]
     tags: NotRequired[dict[str, str]]
     metrics: NotRequired[list[Point]]
     to_model: NotRequired[bool]
+    datasets: NotRequired[dict[str, list[str]]]
 
 
 class DatasetRecord(TypedDict):
@@ -178,13 +180,23 @@ def _batch(
     from mlflow.entities import Metric, Param, RunTag
 
     model_id = state["model_id"] if write.get("to_model") else None
+    datasets = write.get("datasets", {}) if model_id is not None else {}
     points = write.get("metrics", [])
     if maybe_sent and model_id is None:  # linked points repeat logged ones: MLflow keeps one
         points = _not_logged(client, run_id, points)
     params = [Param(key, value) for key, value in write.get("params", {}).items()]
     tags = [RunTag(key, value) for key, value in write.get("tags", {}).items()]
     metrics = [
-        Metric(key, value, timestamp, step, model_id=model_id, run_id=run_id)
+        Metric(
+            key,
+            value,
+            timestamp,
+            step,
+            model_id=model_id,
+            dataset_name=datasets[key][0] if key in datasets else None,
+            dataset_digest=datasets[key][1] if key in datasets else None,
+            run_id=run_id,
+        )
         for key, value, timestamp, step in points
     ]
     for part in _chunks(params, _PARAMS_PER_CALL):
@@ -295,6 +307,11 @@ class Writer:
         pending, self._pending = self._pending, []
         for write in pending:
             self.send(write)
+
+    @property
+    def registered(self) -> str | None:
+        """The version this fit registered, "name version n", once MLflow has it."""
+        return self._sent.get("registered")
 
     @overload
     def send(self, write: ModelWrite) -> str | None: ...

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import Net, Tracked
+from torch.utils.data import ConcatDataset, Subset, TensorDataset, random_split
+
+from lkflow.datasets import rings, tabular
+from lkflow.tracking.artifacts import dataset_record
 
 
 def test_artifacts(tracked: Tracked, tmp_path: Path) -> None:
@@ -50,3 +54,32 @@ def test_the_summary_of_a_net_with_several_inputs_shows_their_real_shapes() -> N
     assert "Total params: 18" in table
     assert summary_text(_TwoInputs(), {"x_num": torch.zeros(2, 2), "x_cat": torch.ones(2).long()})
     assert summary_text(_TwoInputs(), None) == ""
+
+
+def test_a_dataset_is_named_after_its_data() -> None:
+    data = rings(40)
+    train, valid = random_split(data, [30, 10], generator=torch.Generator().manual_seed(0))
+    named = {
+        "rings": data,
+        "rings ": train,  # random_split's Subset: the data it is cut from
+        "tabular": tabular(8),
+        "rings+tabular": ConcatDataset([valid, tabular(8)]),
+        "TensorDataset": TensorDataset(torch.zeros(3, 2)),
+    }
+    assert {name.strip(): dataset_record(d)["name"] for name, d in named.items()} == {
+        name.strip(): name.strip() for name in named
+    }
+    valid.name = "rings-holdout"  # a name the user gives wins
+    assert dataset_record(valid)["name"] == "rings-holdout"
+    assert dataset_record(Subset(valid, range(5)))["name"] == "rings-holdout"
+
+
+def test_a_datasets_digest_stays_that_of_its_rows() -> None:
+    split = torch.Generator().manual_seed(0)
+    train, _ = random_split(rings(40), [30, 10], generator=split)
+    digest = dataset_record(train)["digest"]
+    assert dataset_record(Subset(rings(40), train.indices))["digest"] == digest  # same rows
+    train.name = "renamed"
+    assert dataset_record(train)["digest"] == digest  # a name is no part of the data
+    other, _ = random_split(rings(40), [30, 10], generator=torch.Generator().manual_seed(1))
+    assert dataset_record(other)["digest"] != digest

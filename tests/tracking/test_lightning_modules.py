@@ -333,6 +333,25 @@ def test_classifier_registers_itself_by_its_forward(classifier_fit: Fitted) -> N
     np.testing.assert_allclose(served.predict(images.numpy()), expected.numpy(), **TOLERANCE)
 
 
+def test_classifier_models_metrics_name_the_data_they_were_computed_on(
+    classifier_fit: Fitted,
+) -> None:
+    client = classifier_fit.client
+    run = client.get_run(classifier_fit.run_id)
+    data = {d.tags[0].value: (d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    (output,) = run.outputs.model_outputs
+    linked = {
+        m.key: (m.dataset_name, m.dataset_digest)
+        for m in client.get_logged_model(output.model_id).metrics
+    }
+    assert linked == {
+        **dict.fromkeys(["train_loss", "train_acc_epoch"], data["training"]),
+        **dict.fromkeys(["val_loss", "valid_acc", "best_valid_acc"], data["validation"]),
+        **dict.fromkeys(["lr", "best_epoch"], (None, None)),
+    }
+    assert data["training"][0] == data["validation"][0] == "digits"
+
+
 # ---- example_input_array, two inputs, the module itself served -----------------------------
 
 

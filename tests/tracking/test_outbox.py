@@ -153,6 +153,7 @@ def test_sync_beside_a_running_fit_leaves_its_outbox_and_the_run_ends_whole(
         assert [str(v.version) for v in versions] == ["1"]
         (model,) = client.search_logged_models([run.info.experiment_id])
         assert versions[0].source == f"models:/{model.model_id}" and model.status == "READY"
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "owned", "version": 1}]
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert artifacts >= {"checkpoints", "net", "history.csv", "curves.png"}
 

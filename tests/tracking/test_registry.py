@@ -3,6 +3,7 @@ registered version is served."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from lkflow import LightModel
 from lkflow.checks import check_registered_model_name
 from lkflow.errors import LkflowError
 from lkflow.tracking.registry import best_version
+from lkflow.tracking.writes import deliver
 
 
 def test_registered_version(tracked: Tracked, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,6 +40,8 @@ def test_registered_version(tracked: Tracked, monkeypatch: pytest.MonkeyPatch) -
     assert float(version.tags["monitor_value"]) == pytest.approx(best["val_loss"])
     assert version.tags["best_epoch"] == str(best["epoch"])
     assert version.tags["run_id"] == run_id
+    first, *_ = version.description.splitlines()
+    assert first == f"val_loss {best['val_loss']:.4f} at epoch {best['epoch']}"  # one cell's worth
     assert "Linear-1" in version.description and "Total params: 115" in version.description
     run = client.get_run(run_id)
     logged = client.get_logged_model(model_id)
@@ -52,6 +56,13 @@ def test_registered_version(tracked: Tracked, monkeypatch: pytest.MonkeyPatch) -
         "best_val_loss": pytest.approx(best["val_loss"]),
         "best_epoch": best["epoch"],
     }
+    data = {d.tags[0].value: (d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    assert {m.key: (m.dataset_name, m.dataset_digest) for m in logged.metrics} == {
+        **dict.fromkeys(["loss", "acc"], data["training"]),
+        **dict.fromkeys(["val_loss", "val_acc", "best_val_loss"], data["validation"]),
+        **dict.fromkeys(["lr", "best_epoch"], (None, None)),
+    }
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "rings-net", "version": 1}]
     assert info.signature.inputs.inputs[0].shape == (-1, 2)
 
 
@@ -127,3 +138,20 @@ def test_the_monitor_tag_names_the_metric_as_mlflow_logged_it(tracking_uri: str)
     assert float(version.tags["monitor_value"]) == pytest.approx(metrics["best_val_acc_1"])
     assert [m.step for m in client.get_metric_history(model.run_id, "val_acc_1")] == [1, 2]
     assert best_version([version])[1].startswith("best val_acc_1=")
+
+
+def test_a_version_registered_again_after_a_lost_answer_is_named_once_on_its_model(
+    tracking_uri: str,
+) -> None:
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run("0").info.run_id
+    model_id = client.create_logged_model("0", name="model", source_run_id=run_id).model_id
+    write = {"op": "register", "name": "net", "tags": {}, "description": "val_loss 0.1 at epoch 1"}
+    state = {"model_id": model_id}
+    first = deliver(client, run_id, write, state)
+    again = deliver(client, run_id, write, state, maybe_sent=True)  # as `lkflow sync` resends it
+    assert (str(first.version), str(again.version)) == ("1", "1")  # an int on sqlite
+    assert [str(v.version) for v in client.search_model_versions("name = 'net'")] == ["1"]
+    tag = client.get_logged_model(model_id).tags["mlflow.modelVersions"]
+    assert json.loads(tag) == [{"name": "net", "version": 1}]
+    assert state["registered"] == "net version 1"

@@ -31,6 +31,7 @@ from lkflow.errors import LkflowError
 from lkflow.model import LightModel
 from lkflow.tracking import MLflowCallback
 from lkflow.tracking.outbox import Outbox
+from lkflow.tracking.run import EXPERIMENT_KIND_TAG, MODEL_TRAINING, find_run, open_run
 
 
 def test_the_tracking_uri_variable_survives_a_fit(tracking_uri: str) -> None:
@@ -392,3 +393,19 @@ def test_a_mistake_in_the_first_step_leaves_a_given_run_as_it_was(
     assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
     assert after.data.tags == before.data.tags and after.data.params == {}
     assert [run.info.run_id for run in all_runs(tracking_uri)] == [run_id]
+
+
+def test_the_experiments_a_fit_logs_into_are_tagged_as_model_training(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    client.create_experiment("given")  # as `mlflow run --experiment-name given` makes it
+    client.create_experiment("traces", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("new", "given", "traces", None):
+        found = find_run(client, run_id=None, experiment_name=name, restored_run_id=None)
+        open_run(found, experiment_name=name, run_name=None, tags=None)
+    kinds = {e.name: e.tags.get(EXPERIMENT_KIND_TAG) for e in client.search_experiments()}
+    assert kinds == {
+        "new": MODEL_TRAINING,  # created by the fit
+        "given": MODEL_TRAINING,  # had no kind
+        "traces": "genai_development",  # a kind set is kept
+        "Default": None,  # what names no experiment goes there: left alone
+    }

@@ -17,7 +17,13 @@ from servers import free_port
 
 from lkflow.cli import main
 from lkflow.errors import LkflowError
-from lkflow.tracking.store import check_sqlite_file, check_tracking_uri, tracking_client
+from lkflow.tracking.store import (
+    check_sqlite_file,
+    check_tracking_uri,
+    run_url,
+    tracking_client,
+    ui_command,
+)
 
 
 @pytest.mark.parametrize(
@@ -178,3 +184,18 @@ def test_a_store_is_opened_in_a_new_folder_or_names_the_folder_it_cannot_make(
     (tmp_path / "file").write_text("")
     with pytest.raises(LkflowError, match=r"whose folder .*file/sub cannot be created"):
         tracking_client(f"sqlite:///{tmp_path / 'file' / 'sub' / 'mlflow.db'}")
+
+
+def test_the_run_page_is_named_for_a_server_and_for_a_local_store(tmp_path: Path) -> None:
+    assert run_url("https://bob:pw@mlflow.example/base/", "2", "ab") == (
+        "https://mlflow.example/base/#/experiments/2/runs/ab?workflowType=machine_learning"
+    )
+    assert run_url(f"sqlite:///{tmp_path / 'mlflow.db'}", "2", "ab") is None
+    assert ui_command("sqlite:///mlflow.db") == "mlflow ui"  # the working folder's: the default
+    assert ui_command(f"sqlite:///{tmp_path / 'mlflow.db'}") == "mlflow ui"  # the same file
+    other = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert ui_command(other) == f"mlflow ui --backend-store-uri {other}"
+    assert ui_command("postgresql://bob:pw@db/mlflow") == (
+        "mlflow ui --backend-store-uri postgresql://***@db/mlflow"
+    )
+    assert ui_command("http://127.0.0.1:5000") is None
