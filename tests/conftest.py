@@ -126,7 +126,20 @@ def processes() -> Iterator[list[subprocess.Popen]]:
             process.wait()
 
 
+# A test's rough cost in seconds by its marks: test files run longest first, so that the workers
+# (one per file at a time) end together rather than one waiting on a long file it took last.
+COST = {"network": 90.0, "ddp": 5.0, "slow": 5.0}
+
+
+def _cost(item: pytest.Item) -> float:
+    return max((cost for mark, cost in COST.items() if mark in item.keywords), default=0.2)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    file_cost: dict[Path, float] = {}
+    for item in items:
+        file_cost[item.path] = file_cost.get(item.path, 0.0) + _cost(item)
+    items.sort(key=lambda item: -file_cost[item.path])  # stable: a file's own order stays
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
