@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import Worker, finished, fresh_store, only_run, steps, wait_for
+from helpers import Worker, finished, only_run, steps, wait_for
 from mlflow import MlflowClient
 
 # ---- fits in processes of their own -------------------------------------------------------
@@ -54,18 +54,12 @@ def test_a_killed_fit_resumes_into_the_same_run_without_gaps_or_duplicates(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["migrated", "new"])
 def test_three_fits_at_once_write_one_sqlite_store(
-    store: str,
-    worker: Worker,
-    tmp_path: Path,
-    migrated_store: Path,
-    processes: list[subprocess.Popen],
+    worker: Worker, tmp_path: Path, processes: list[subprocess.Popen]
 ) -> None:
-    if store == "migrated":
-        uri = fresh_store(tmp_path, migrated_store)
-    else:  # a user's first sweep: every process finds the file without tables
-        uri = f"sqlite:///{tmp_path / 'sweep' / 'mlflow.db'}"
+    # a user's first sweep: every process finds the file without tables, creates them or waits
+    # for them, then writes beside the others
+    uri = f"sqlite:///{tmp_path / 'sweep' / 'mlflow.db'}"
     settings = {"uri": uri, "epochs": 2, "experiment": "sweep", "registered": "sweep"}
     folders = [tmp_path / f"fit{i}" for i in range(3)]
     processes += [worker.start(folder, **settings) for folder in folders]
