@@ -228,7 +228,7 @@ def _torch_wheels() -> Path | None:
 @pytest.mark.slow
 @pytest.mark.network
 @SQLITE_ONLY
-def test_mlflow_run_with_uv_builds_conda_yamls_environment_and_every_entry_point_runs(
+def test_mlflow_run_with_uv_builds_conda_yamls_environment_where_the_entry_points_run(
     checkout: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
     wheels = _torch_wheels()
@@ -249,26 +249,31 @@ def test_mlflow_run_with_uv_builds_conda_yamls_environment_and_every_entry_point
         "UV_CONSTRAINT": str(constraint),
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),  # uv, and no conda
     }
-    models = {"main": "rings-net", "digits": "digits-cnn", "tabular": "tabular-net"}
-    for entry in models:
+    # main (the README's run), digits (scikit-learn's data) and sweep (Optuna): each part of
+    # conda.yaml; tabular imports nothing that main does not
+    entries = {"main": ["epochs=1"], "digits": ["epochs=1"], "sweep": ["epochs=1", "trials=2"]}
+    for entry, params in entries.items():
         command = [str(BIN / "mlflow"), "run", str(checkout), "--env-manager", "uv", "-e", entry]
-        done = subprocess.run(
-            [*command, "-P", "epochs=1"], env=env, capture_output=True, text=True, timeout=600
-        )
+        command += ["--experiment-name", entry, *(f"-P{param}" for param in params)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client = MlflowClient(tracking_uri)
-    runs = client.search_runs(["0"])
-    assert sorted(run.data.params["registered_model_name"] for run in runs) == sorted(
-        models.values()
-    )
+    for entry, name in (("main", "rings-net"), ("digits", "digits-cnn")):
+        (run,) = client.search_runs([client.get_experiment_by_name(entry).experiment_id])
+        assert run.info.status == "FINISHED" and run.data.params["registered_model_name"] == name
+        (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        assert version.name == name
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if run is not parent]
+    assert [run.data.tags["mlflow.parentRunId"] for run in children] == [parent.info.run_id] * 2
     assert all(run.info.status == "FINISHED" for run in runs)
-    for name in models.values():
-        (version,) = client.search_model_versions(f"name = '{name}'")
-        assert version.run_id in {run.info.run_id for run in runs}
+    champion = client.get_model_version_by_alias("rings-net", "champion")
+    assert champion.run_id in {run.info.run_id for run in children}
     (environment,) = (tmp_path / "envs").iterdir()  # built once, from conda.yaml alone
     installed = {
         path.name.split("-")[0].lower()
         for path in environment.glob("lib/python*/site-packages/*.dist-info")
     }
-    assert {"torch", "pytorch_lightning", "mlflow", "scikit_learn"} <= installed
+    assert {"torch", "pytorch_lightning", "mlflow", "scikit_learn", "optuna"} <= installed
     assert not installed & {"lkflow", "pytest", "hypothesis"}  # not this environment's packages
