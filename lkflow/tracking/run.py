@@ -19,6 +19,7 @@ the run that finishes moves that tag to `lkflow.previous_error`.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 import time
 import traceback
@@ -195,7 +196,14 @@ def _create_run(
 
     resolved = resolve_tags(tags)  # adds user, source and git commit like start_run
     experiment_id = _experiment_id(client, experiment_name, create=True)
-    return client.create_run(experiment_id, run_name=run_name, tags=resolved)
+    # A store in this process names the run from Python's `random`, which the fit's seed fixed:
+    # two fits of one seed would share a name, and the fit's own draws would depend on it.
+    seeded = random.getstate()
+    random.seed()
+    try:
+        return client.create_run(experiment_id, run_name=run_name, tags=resolved)
+    finally:
+        random.setstate(seeded)
 
 
 @overload

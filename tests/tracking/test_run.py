@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import signal
 from pathlib import Path
@@ -38,6 +39,19 @@ def test_the_tracking_uri_variable_survives_a_fit(tracking_uri: str) -> None:
     fit(make_model(), 1, registered_model_name="kept")
     assert os.environ["MLFLOW_TRACKING_URI"] == tracking_uri
     assert MlflowClient().get_registered_model("kept").name == "kept"
+
+
+def test_two_fits_of_one_seed_get_runs_of_two_names_and_the_same_draws(tracking_uri: str) -> None:
+    names, draws = [], []
+    for _ in range(2):
+        pl.seed_everything(7, verbose=False)
+        model = fit(make_model(), 1)
+        names.append(MlflowClient(tracking_uri).get_run(model.run_id).info.run_name)
+        draws.append(random.random())  # where the seeded stream stood after the fit
+    pl.seed_everything(7, verbose=False)
+    fit(make_model(), 1, track=False)
+    assert names[0] != names[1]
+    assert draws == [random.random()] * 2  # naming the run drew nothing from it
 
 
 def test_fit_inside_an_active_run_leaves_it_open(tracking_uri: str) -> None:
