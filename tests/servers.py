@@ -126,6 +126,24 @@ class Server:
         return self.log_path.read_text()
 
 
+def models_serve(
+    model_uri: str, cwd: Path, env: dict[str, str], python: Path | None = None
+) -> Server:
+    """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1 with one worker and this
+    environment's packages (`--env-manager local`), run by `python` where given, else by this
+    venv's `mlflow`.
+
+    Example:
+        >>> with models_serve("models:/rings-net/1", tmp_path, bin_path_env()) as url:
+        ...     post(f"{url}/invocations", {"inputs": [[5.0, 0.3]]})
+    """
+    port = free_port()
+    mlflow = [str(BIN / "mlflow")] if python is None else [str(python), "-m", "mlflow"]
+    command = [*mlflow, "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    command += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    return Server(command, cwd, f"http://127.0.0.1:{port}/ping", env)
+
+
 def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
     """POSTs `body` as JSON to `url`; the status and the JSON answer, also of an error."""
     request = urllib.request.Request(

@@ -26,11 +26,10 @@ import torch
 from helpers import fresh_store
 from mlflow import MlflowClient
 from servers import (
-    Server,
-    free_port,
     lkflow_free_env,
     lkflow_free_python,
     load_elsewhere,
+    models_serve,
     post,
     tensors,
 )
@@ -551,11 +550,8 @@ def readme_request() -> dict[str, Any]:
 @pytest.fixture
 def served_tabular(tabular_fit: Fitted, free_python: Path, tmp_path: Path) -> Iterator[str]:
     """`mlflow models serve` of the two-input net, run by a Python without lkflow."""
-    port = free_port()
-    command = [str(free_python), "-m", "mlflow", "models", "serve", "-m", "models:/tabular/1"]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     env = {**lkflow_free_env(free_python), "MLFLOW_TRACKING_URI": tabular_fit.uri}
-    with Server(command, tmp_path, f"http://127.0.0.1:{port}/ping", env) as url:
+    with models_serve("models:/tabular/1", tmp_path, env, free_python) as url:
         yield url
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from helpers import SQLITE_ONLY, Sweep, fresh_store, start_sweep, sweep_ended, sweep_of
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from servers import BIN, Server, bin_path_env, free_port, post
+from servers import bin_path_env, models_serve, post
 
 from lkflow.cli import main
 
@@ -119,11 +119,8 @@ def test_the_best_is_the_lowest_best_val_loss_and_its_version_is_the_champion(
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_champion(rings_sweep: Sweep, tmp_path: Path) -> None:
-    port = free_port()
     env = {**bin_path_env(), "MLFLOW_TRACKING_URI": rings_sweep.client.tracking_uri}
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/rings-sweep@champion"]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    with Server(command, tmp_path, f"http://127.0.0.1:{port}/ping", env) as url:
+    with models_serve("models:/rings-sweep@champion", tmp_path, env) as url:
         status, answer = post(f"{url}/invocations", {"inputs": [[5.0, 0.3], [8.1, -0.2]]})
     assert status == 200, answer
     assert len(answer["predictions"]) == 2

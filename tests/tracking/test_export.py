@@ -25,7 +25,7 @@ from helpers import make_scheduled_model as make_model
 from mlflow import MlflowClient
 from mlflow.models import Model
 from peers import LitClassifier, LitTabular, autoencoder
-from servers import BIN, Server, bin_path_env, free_port
+from servers import bin_path_env, models_serve
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,11 +91,8 @@ def test_registered_model_predicts_without_lkflow(tracked: Tracked, tmp_path: Pa
 @pytest.mark.slow
 @TRACKED_IN_SQLITE
 def test_models_serve_answers_invocations(tracked: Tracked, tmp_path: Path) -> None:
-    port = free_port()
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/rings-net/1"]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     env = {**bin_path_env(), "MLFLOW_TRACKING_URI": tracked.uri}
-    with Server(command, tmp_path, f"http://127.0.0.1:{port}/ping", env) as url:
+    with models_serve("models:/rings-net/1", tmp_path, env) as url:
         status, answer = _post(f"{url}/invocations", {"inputs": X})
         assert status == 200, answer
         np.testing.assert_allclose(

@@ -34,7 +34,7 @@ from peers import (
 )
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, MLFlowLogger
-from servers import Server, free_port, lkflow_free_env, lkflow_free_python, post
+from servers import lkflow_free_env, lkflow_free_python, models_serve, post
 
 import lkflow
 
@@ -407,11 +407,8 @@ def test_tabular_module_itself_is_registered_on_its_example_input_array(
 def served_tabular(tabular_fit: Fitted, tmp_path: Path) -> Iterator[str]:
     """`mlflow models serve` of the registered module, by a Python without lkflow or peers.py."""
     python = lkflow_free_python(tmp_path / "env")
-    port = free_port()
-    command = [str(python), "-m", "mlflow", "models", "serve", "-m", "models:/tabular-module/1"]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     env = {**lkflow_free_env(python), "MLFLOW_TRACKING_URI": tabular_fit.uri}
-    with Server(command, tmp_path, f"http://127.0.0.1:{port}/ping", env) as url:
+    with models_serve("models:/tabular-module/1", tmp_path, env, python) as url:
         yield url
 
 

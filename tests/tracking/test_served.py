@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import Net, TokenNet
 from mlflow.models import Model
-from servers import Server, free_port, lkflow_free_env, lkflow_free_python, post
+from servers import lkflow_free_env, lkflow_free_python, models_serve, post
 from torch import nn
 
 from lkflow.errors import LkflowError
@@ -370,12 +370,9 @@ def test_models_serve_answers_both_request_forms_without_lkflow(
     )
     assert done.stdout.strip() == "no lkflow", done.stdout + done.stderr[-2000:]
 
-    port = free_port()
-    command = [str(python), "-m", "mlflow", "models", "serve", "-m", str(path)]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     x_num, x_cat = tabular_rows(7, seed=5)
     expected = net(x_num, x_cat)
-    with Server(command, tmp_path, f"http://127.0.0.1:{port}/ping", env) as url:
+    with models_serve(str(path), tmp_path, env, python) as url:
         status, answer = post(
             f"{url}/invocations", {"inputs": {"x_num": x_num.tolist(), "x_cat": x_cat.tolist()}}
         )
