@@ -344,7 +344,7 @@ class PgServer:
 # ---- a registered model, loaded where lkflow cannot be imported ------------------------------
 
 _LOAD = """
-    import json, sys
+    import json, sys, traceback
     try:
         import lkflow
     except ImportError:
@@ -360,42 +360,72 @@ _LOAD = """
         array = np.asarray(value)
         return {"data": array.tolist(), "dtype": str(array.dtype)}
 
-    model = mlflow.pyfunc.load_model(sys.argv[1])
-    request = {k: np.array(v["data"], dtype=v["dtype"]) for k, v in json.loads(sys.argv[2]).items()}
-    example = model.input_example
-    print(json.dumps({
-        "flavors": sorted(model.metadata.flavors),
-        "inputs": model.metadata.get_input_schema().input_names(),
-        "answer": plain(model.predict(request)),
-        "example": plain(example),
-        "example_answer": plain(model.predict(example)),
-    }))
+    def answer(job):
+        mlflow.set_tracking_uri(job["tracking_uri"])
+        model = mlflow.pyfunc.load_model(job["model_uri"])
+        request = {k: np.array(v["data"], dtype=v["dtype"]) for k, v in job["rows"].items()}
+        example = model.input_example
+        return {
+            "flavors": sorted(model.metadata.flavors),
+            "inputs": model.metadata.get_input_schema().input_names(),
+            "answer": plain(model.predict(request)),
+            "example": plain(example),
+            "example_answer": plain(model.predict(example)),
+        }
+
+    for line in sys.stdin:  # a job a line, an answer a line
+        try:
+            print(json.dumps(answer(json.loads(line))), flush=True)
+        except Exception:
+            print(json.dumps({"error": traceback.format_exc()}), flush=True)
 """
 
 
-def load_elsewhere(
-    model_uri: str, tracking_uri: str, rows: dict[str, torch.Tensor], python: Path, cwd: Path
-) -> dict[str, Any]:
-    """What `model_uri`, loaded with mlflow.pyfunc by `python` (no lkflow), answers for `rows`
-    and for its own input example, with its flavors and input names."""
-    request = {k: {"data": t.tolist(), "dtype": str(t.numpy().dtype)} for k, t in rows.items()}
-    done = subprocess.run(
-        [
-            str(python),
-            "-c",
-            textwrap.dedent(_LOAD),
-            model_uri,
-            json.dumps(request),
-        ],
-        cwd=cwd,
-        env={**lkflow_free_env(python), "MLFLOW_TRACKING_URI": tracking_uri},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class Loader:
+    """A Python of `lkflow_free_python` that loads registered models with mlflow.pyfunc and
+    answers requests with them, started once for many models (its imports take seconds).
+
+    Example:
+        >>> with Loader(python, tmp_path) as loader:
+        ...     loader.load("models:/tabular/1", tracking_uri, {"x_num": ..., "x_cat": ...})
+    """
+
+    def __init__(self, python: Path, cwd: Path) -> None:
+        self.python, self.cwd = python, cwd
+
+    def __enter__(self) -> Loader:
+        self.process = subprocess.Popen(
+            [str(self.python), "-c", textwrap.dedent(_LOAD)],
+            cwd=self.cwd,
+            env=lkflow_free_env(self.python),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+    def load(
+        self, model_uri: str, tracking_uri: str, rows: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """What `model_uri` of `tracking_uri` answers for `rows` and for its own input example,
+        with its flavors and input names."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        plain_rows = {
+            k: {"data": t.tolist(), "dtype": str(t.numpy().dtype)} for k, t in rows.items()
+        }
+        job = {"model_uri": model_uri, "tracking_uri": tracking_uri, "rows": plain_rows}
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, f"the loader exited with {self.process.wait(timeout=60)}"
+        answer: dict[str, Any] = json.loads(line)
+        assert "error" not in answer, answer.get("error")
+        return answer
 
 
 def tensors(plain: dict[str, Any]) -> Any:

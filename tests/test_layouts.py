@@ -26,9 +26,9 @@ import torch
 from helpers import fresh_store
 from mlflow import MlflowClient
 from servers import (
+    Loader,
     lkflow_free_env,
     lkflow_free_python,
-    load_elsewhere,
     models_serve,
     post,
     tensors,
@@ -246,6 +246,13 @@ def free_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lkflow_free_python(tmp_path_factory.mktemp("lkflow_free"))
 
 
+@pytest.fixture(scope="module")
+def loader(free_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loader]:
+    """One Python without lkflow that loads every registered model of this module."""
+    with Loader(free_python, tmp_path_factory.mktemp("loader")) as started:
+        yield started
+
+
 def assert_answers(answer: Any, expected: Any) -> None:
     """A served answer (`plain`'s form) is the net's own output, tensor or named tensors."""
     if isinstance(expected, torch.Tensor):
@@ -262,11 +269,11 @@ def assert_answers(answer: Any, expected: Any) -> None:
 
 
 def check_served(
-    fitted: Fitted, rows: dict[str, torch.Tensor], python: Path, cwd: Path, inputs: list[str]
+    fitted: Fitted, rows: dict[str, torch.Tensor], loader: Loader, inputs: list[str]
 ) -> None:
     """Loaded without lkflow, the registered model takes `inputs` by name and answers `rows` and
     its own input example with the net's outputs."""
-    loaded = load_elsewhere(f"models:/{fitted.name}/1", fitted.uri, rows, python, cwd)
+    loaded = loader.load(f"models:/{fitted.name}/1", fitted.uri, rows)
     assert loaded["flavors"] == ["python_function"]  # the pyfunc of the program, no pickle
     assert loaded["inputs"] == inputs
     net = fitted.model.net.eval()
@@ -291,7 +298,7 @@ def tabular_fit(fit_in: Callable[..., Fitted]) -> Fitted:
 
 
 def test_several_inputs_train_predict_and_serve_by_name(
-    tabular_fit: Fitted, free_python: Path, tmp_path: Path
+    tabular_fit: Fitted, loader: Loader
 ) -> None:
     x_num, x_cat, y = tabular_fit.valid.dataset.tensors
 
@@ -306,14 +313,14 @@ def test_several_inputs_train_predict_and_serve_by_name(
         expected = tabular_fit.model.net(x_num, x_cat)
     torch.testing.assert_close(tabular_fit.model.predict(tabular_fit.valid), expected)
     rows = {"x_num": x_num[:5], "x_cat": x_cat[:5]}
-    check_served(tabular_fit, rows, free_python, tmp_path, ["x_num", "x_cat"])
+    check_served(tabular_fit, rows, loader, ["x_num", "x_cat"])
 
 
 # ---- a dict batch {"x", "y"} ------------------------------------------------------------------
 
 
 def test_dict_batch_passes_x_by_name_and_serves_it(
-    fit_in: Callable[..., Fitted], free_python: Path, tmp_path: Path
+    fit_in: Callable[..., Fitted], loader: Loader
 ) -> None:
     pl.seed_everything(0, verbose=False)
     train, valid = ring_loaders(keyed=True)
@@ -335,14 +342,14 @@ def test_dict_batch_passes_x_by_name_and_serves_it(
     check_history(fitted, recompute)
     with torch.no_grad():
         torch.testing.assert_close(model.predict(valid), net(rows["x"]))
-    check_served(fitted, {"x": rows["x"][:5]}, free_python, tmp_path, ["x"])
+    check_served(fitted, {"x": rows["x"][:5]}, loader, ["x"])
 
 
 # ---- a Hugging Face-style dict {"input_ids", "attention_mask", "labels"} ------------------------
 
 
 def test_hugging_face_style_batch_leaves_labels_out_of_the_inputs(
-    fit_in: Callable[..., Fitted], free_python: Path, tmp_path: Path
+    fit_in: Callable[..., Fitted], loader: Loader
 ) -> None:
     pl.seed_everything(0, verbose=False)
     train = DataLoader(token_rows(256, seed=1), batch_size=64, shuffle=True)
@@ -367,14 +374,14 @@ def test_hugging_face_style_batch_leaves_labels_out_of_the_inputs(
     with torch.no_grad():
         torch.testing.assert_close(model.predict(valid), net(**inputs))
     served = {k: t[:6] for k, t in inputs.items()}
-    check_served(fitted, served, free_python, tmp_path, ["input_ids", "attention_mask"])
+    check_served(fitted, served, loader, ["input_ids", "attention_mask"])
 
 
 # ---- a tuple output, one loss over both heads --------------------------------------------------
 
 
 def test_tuple_output_is_predicted_as_a_tuple_and_served_as_named_outputs(
-    fit_in: Callable[..., Fitted], free_python: Path, tmp_path: Path
+    fit_in: Callable[..., Fitted], loader: Loader
 ) -> None:
     pl.seed_everything(0, verbose=False)
     train, valid = ring_loaders()
@@ -400,14 +407,14 @@ def test_tuple_output_is_predicted_as_a_tuple_and_served_as_named_outputs(
     assert isinstance(predicted, tuple) and len(predicted) == 2
     with torch.no_grad():
         torch.testing.assert_close(predicted, net(x))
-    check_served(fitted, {"x": x[:5]}, free_python, tmp_path, ["x"])
+    check_served(fitted, {"x": x[:5]}, loader, ["x"])
 
 
 # ---- a dict output ------------------------------------------------------------------------------
 
 
 def test_dict_output_is_predicted_as_a_dict_and_served_by_its_keys(
-    fit_in: Callable[..., Fitted], free_python: Path, tmp_path: Path
+    fit_in: Callable[..., Fitted], loader: Loader
 ) -> None:
     pl.seed_everything(0, verbose=False)
     train, valid = ring_loaders()
@@ -430,7 +437,7 @@ def test_dict_output_is_predicted_as_a_dict_and_served_by_its_keys(
     assert isinstance(predicted, dict) and list(predicted) == ["logits", "prob"]
     with torch.no_grad():
         torch.testing.assert_close(predicted, net(x))
-    check_served(fitted, {"x": x[:5]}, free_python, tmp_path, ["x"])
+    check_served(fitted, {"x": x[:5]}, loader, ["x"])
 
 
 # ---- a MetricCollection ------------------------------------------------------------------------
