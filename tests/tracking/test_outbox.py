@@ -181,6 +181,11 @@ def _owner(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _journal(folder: Path) -> list[str]:
+    path = folder / "journal.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
 @pytest.mark.slow
 def test_a_second_sync_finds_the_outbox_busy_and_the_model_is_registered_once(
     tracking_uri: str, tmp_path: Path
@@ -237,7 +242,8 @@ def test_the_outbox_of_a_fit_killed_with_sigkill_is_delivered(
     folder = tmp_path / "mlruns-outbox" / run_id
     try:
         deadline = time.monotonic() + 60
-        while _owner(folder) != {"pid": holder.process.pid, "by": "fit"}:
+        # the holder owns the outbox and has written into it (run.json comes after owner.json)
+        while _owner(folder) != {"pid": holder.process.pid, "by": "fit"} or not _journal(folder):
             assert time.monotonic() < deadline and holder.process.poll() is None
             time.sleep(0.05)
         busy = CliRunner().invoke(main, ["sync"])
