@@ -375,10 +375,11 @@ _LOAD = """
 
     for line in sys.stdin:  # a job a line, an answer a line
         try:
-            print(json.dumps(answer(json.loads(line))), flush=True)
+            print(ANSWER, json.dumps(answer(json.loads(line))), flush=True)
         except Exception:
-            print(json.dumps({"error": traceback.format_exc()}), flush=True)
+            print(ANSWER, json.dumps({"error": traceback.format_exc()}), flush=True)
 """
+_ANSWER = "answer:"  # what starts the loader's answer lines; anything else printed is passed over
 
 
 class Loader:
@@ -394,8 +395,9 @@ class Loader:
         self.python, self.cwd = python, cwd
 
     def __enter__(self) -> Loader:
+        code = f"ANSWER = {_ANSWER!r}\n" + textwrap.dedent(_LOAD)
         self.process = subprocess.Popen(
-            [str(self.python), "-c", textwrap.dedent(_LOAD)],
+            [str(self.python), "-c", code],
             cwd=self.cwd,
             env=lkflow_free_env(self.python),
             stdin=subprocess.PIPE,
@@ -421,9 +423,11 @@ class Loader:
         job = {"model_uri": model_uri, "tracking_uri": tracking_uri, "rows": plain_rows}
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        assert line, f"the loader exited with {self.process.wait(timeout=60)}"
-        answer: dict[str, Any] = json.loads(line)
+        line = ""
+        while not line.startswith(_ANSWER):
+            line = self.process.stdout.readline()
+            assert line, f"the loader exited with {self.process.wait(timeout=60)}"
+        answer: dict[str, Any] = json.loads(line.removeprefix(_ANSWER))
         assert "error" not in answer, answer.get("error")
         return answer
 
